@@ -1,0 +1,3 @@
+from fcn_cli.cli import main
+
+main()

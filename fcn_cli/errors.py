@@ -1,0 +1,7 @@
+"""The one exception type a user sees: its message is printed as one line, exit code 2."""
+
+
+class FcnError(Exception):
+    """A problem with the user's input (file, flag, data). The message names the file and the fix."""
+
+    exit_code = 2
