@@ -1,0 +1,291 @@
+"""FCN-32s / FCN-16s / FCN-8s on a VGG-16 encoder (Long, Shelhamer & Darrell, 2015).
+
+One builder for every variant, so training, evaluation, prediction and export share it.
+Backend-neutral Keras 3: only ``keras.layers`` / ``keras.ops``, so it builds under TensorFlow and JAX.
+
+Shapes for an input of H x W (multiples of 32): pool3 is H/8, pool4 H/16, pool5/conv7 H/32.
+Upsampling is a transposed convolution with kernel 2f and stride f, initialized to bilinear
+interpolation, whose 'valid' output (f*n + f) is cropped by f/2 on each side. That crop puts output
+pixel o at input coordinate (o + 0.5)/f - 0.5: the half-pixel-centre convention of image resizing,
+so every skip adds pixel to pixel. The model outputs float32 logits; softmax belongs to the loss
+and to prediction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import keras
+from keras import layers
+
+from fcn_cli.errors import FcnError
+
+VARIANTS = ("fcn32", "fcn16", "fcn8")
+# (block, convs, filters): VGG-16 configuration D, with keras.applications' layer names.
+VGG16_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
+# Caffe VGG expects BGR minus the ImageNet mean; we take RGB in 0..255 and do both in one frozen layer.
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+def build_fcn(
+    variant: str = "fcn8",
+    num_classes: int = 12,
+    backbone_weights: str | Path | None = "imagenet",
+    width: float = 1.0,
+    head_width: int = 4096,
+    dropout: float = 0.5,
+) -> keras.Model:
+    """An FCN for RGB images of any size that is a multiple of 32; returns (B, H, W, num_classes) logits."""
+    if variant not in VARIANTS:
+        raise FcnError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if width <= 0 or head_width < 1 or num_classes < 1:
+        raise FcnError("--width must be > 0, --head-width >= 1 and the class count >= 1")
+    weights = _normalize_weights_arg(backbone_weights)
+    if weights is not None and (width != 1.0 or head_width != 4096):
+        raise FcnError(
+            f"backbone weights {weights!s} need the full VGG-16 (--width 1.0 --head-width 4096); "
+            "use --backbone-weights none for a scaled-down model"
+        )
+
+    inputs = keras.Input((None, None, 3), name="image")
+    x = rgb_to_vgg_input()(inputs)
+    pools = {}
+    for block, convs, filters in VGG16_BLOCKS:
+        for i in range(1, convs + 1):
+            x = layers.Conv2D(
+                _scaled(filters, width), 3, padding="same", activation="relu", name=f"block{block}_conv{i}"
+            )(x)
+        x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
+        pools[block] = x
+
+    # fc6/fc7 "convolutionalized": 7x7 and 1x1 convolutions ('same' keeps conv7 at H/32).
+    x = layers.Conv2D(head_width, 7, padding="same", activation="relu", name="conv6")(pools[5])
+    x = layers.Dropout(dropout, name="drop6")(x)
+    x = layers.Conv2D(head_width, 1, activation="relu", name="conv7")(x)
+    x = layers.Dropout(dropout, name="drop7")(x)
+    score = _score(num_classes, "score_fr")(x)
+
+    if variant == "fcn32":
+        logits = upsample(score, num_classes, 32, "upscore32", trainable=False)
+    else:
+        score = upsample(score, num_classes, 2, "upscore2")
+        score = layers.Add(name="fuse_pool4")([score, _score(num_classes, "score_pool4")(pools[4])])
+        if variant == "fcn16":
+            logits = upsample(score, num_classes, 16, "upscore16", trainable=False)
+        else:
+            score = upsample(score, num_classes, 2, "upscore_pool4")
+            score = layers.Add(name="fuse_pool3")([score, _score(num_classes, "score_pool3")(pools[3])])
+            logits = upsample(score, num_classes, 8, "upscore8", trainable=False)
+
+    # Under a mixed policy the network computes in bf16/fp16; the loss must see float32 logits.
+    logits = layers.Activation("linear", dtype="float32", name="logits")(logits)
+    model = keras.Model(inputs, logits, name=variant)
+    if weights is not None:
+        load_backbone_weights(model, weights)
+    return model
+
+
+def rgb_to_vgg_input() -> layers.Layer:
+    """A frozen 1x1 convolution: RGB in 0..255 -> BGR minus the ImageNet mean (Caffe VGG's input)."""
+    perm = np.zeros((1, 1, 3, 3), np.float32)
+    for rgb, bgr in ((0, 2), (1, 1), (2, 0)):
+        perm[0, 0, rgb, bgr] = 1.0
+    bias = -np.asarray(IMAGENET_BGR_MEAN, np.float32)
+    return layers.Conv2D(
+        3,
+        1,
+        name="rgb_to_bgr_mean",
+        trainable=False,
+        kernel_initializer=keras.initializers.Constant(perm),
+        bias_initializer=keras.initializers.Constant(bias),
+    )
+
+
+def _scaled(filters: int, width: float) -> int:
+    return max(1, int(round(filters * width)))
+
+
+def _score(num_classes: int, name: str) -> layers.Layer:
+    """1x1 class scores, zero-initialized and linear, as in the paper."""
+    return layers.Conv2D(num_classes, 1, kernel_initializer="zeros", bias_initializer="zeros", name=name)
+
+
+def bilinear_kernel(factor: int, channels: int) -> np.ndarray:
+    """(2f, 2f, channels, channels) transposed-convolution kernel doing per-channel bilinear upsampling."""
+    size = 2 * factor
+    center = factor - 0.5
+    og = np.arange(size, dtype=np.float64)
+    filt1d = 1.0 - np.abs(og - center) / factor
+    filt = np.outer(filt1d, filt1d).astype(np.float32)
+    kernel = np.zeros((size, size, channels, channels), np.float32)
+    for c in range(channels):
+        kernel[:, :, c, c] = filt
+    return kernel
+
+
+def upsample(x, channels: int, factor: int, name: str, trainable: bool = True):
+    """x upsampled by ``factor``: bilinear-initialized transposed conv, then an f/2 crop per side.
+
+    The 2x steps are learned (the paper's "initialize to bilinear, allow learning"); the final
+    step stays fixed bilinear, as in the reference Caffe nets (lr_mult 0).
+    """
+    up = layers.Conv2DTranspose(
+        channels,
+        2 * factor,
+        strides=factor,
+        padding="valid",
+        use_bias=False,
+        kernel_initializer=keras.initializers.Constant(bilinear_kernel(factor, channels)),
+        trainable=trainable,
+        name=name,
+    )(x)
+    crop = factor // 2
+    return layers.Cropping2D(((crop, crop), (crop, crop)), name=f"{name}_crop")(up)
+
+
+# --- backbone weights ------------------------------------------------------------------------
+
+
+def _normalize_weights_arg(weights):
+    if weights is None:
+        return None
+    text = str(weights)
+    if text.lower() in ("none", ""):
+        return None
+    if text.lower() == "imagenet":
+        return "imagenet"
+    return Path(weights)
+
+
+def load_backbone_weights(model: keras.Model, weights) -> list[str]:
+    """Load ImageNet VGG-16 weights into the encoder by layer name; with fc1/fc2, net surgery into conv6/conv7.
+
+    ``weights`` is "imagenet" (keras.applications, cached in ~/.keras/models) or a path to a standard
+    Keras VGG16 .h5 file, with or without top. Returns the names of the layers that received weights.
+    """
+    vgg = _reference_vgg16(weights)
+    loaded = []
+    for block, convs, _ in VGG16_BLOCKS:
+        for i in range(1, convs + 1):
+            name = f"block{block}_conv{i}"
+            model.get_layer(name).set_weights(vgg.get_layer(name).get_weights())
+            loaded.append(name)
+    names = {layer.name for layer in vgg.layers}
+    if {"fc1", "fc2"} <= names:
+        loaded += net_surgery(vgg, model)
+    return loaded
+
+
+def net_surgery(vgg: keras.Model, model: keras.Model) -> list[str]:
+    """Reshape VGG's fc1 (25088x4096) and fc2 (4096x4096) into the 7x7 conv6 and 1x1 conv7."""
+    fc1_w, fc1_b = vgg.get_layer("fc1").get_weights()
+    fc2_w, fc2_b = vgg.get_layer("fc2").get_weights()
+    # keras.applications flattens pool5 (7, 7, 512) in row-major (h, w, c) order: same order as a conv kernel.
+    model.get_layer("conv6").set_weights([fc1_w.reshape(7, 7, 512, fc1_w.shape[-1]), fc1_b])
+    model.get_layer("conv7").set_weights([fc2_w.reshape(1, 1, *fc2_w.shape), fc2_b])
+    return ["conv6", "conv7"]
+
+
+def _reference_vgg16(weights) -> keras.Model:
+    from keras.applications import VGG16
+
+    if weights == "imagenet":
+        try:
+            # With top: fc6/fc7 start from ImageNet as in the paper (553 MB download, cached once).
+            return VGG16(include_top=True, weights="imagenet")
+        except Exception as exc:  # no network, proxy, interrupted download...
+            raise FcnError(
+                f"cannot get the ImageNet VGG-16 weights ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                "use --backbone-weights PATH to a local Keras VGG16 .h5 file, or --backbone-weights none"
+            ) from None
+    path = Path(weights)
+    if not path.is_file():
+        raise FcnError(
+            f"{path}: backbone weights file not found; give a Keras VGG16 .h5 file, 'imagenet' or 'none'"
+        )
+    with_top = _h5_has_top(path)
+    vgg = VGG16(include_top=with_top, weights=None)
+    try:
+        vgg.load_weights(str(path))
+    except Exception as exc:
+        raise FcnError(
+            f"{path}: not a Keras VGG16 weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            "use the files of keras.applications.VGG16, 'imagenet' or 'none'"
+        ) from None
+    return vgg
+
+
+def _h5_has_top(path: Path) -> bool:
+    """Whether a VGG16 weights file holds fc1/fc2: legacy .h5 lists layer names, Keras 3 files dense groups."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "layer_names" in f.attrs:
+                return "fc1" in [n.decode() if isinstance(n, bytes) else str(n) for n in f.attrs["layer_names"]]
+            return any(name.startswith("dense") for name in f.get("layers", {}))
+    except OSError as exc:
+        raise FcnError(f"{path}: not an HDF5 weights file ({exc}); give a Keras VGG16 .h5 file") from None
+
+
+# --- staged training ------------------------------------------------------------------------
+
+
+def transfer_weights(source: keras.Model, target: keras.Model) -> list[str]:
+    """Copy every layer present in both models by name (with matching shapes): FCN-32s -> 16s -> 8s.
+
+    Returns the names of the layers copied.
+    """
+    copied = []
+    source_layers = {layer.name: layer for layer in source.layers}
+    for layer in target.layers:
+        other = source_layers.get(layer.name)
+        if other is None or not layer.weights:
+            continue
+        src = other.get_weights()
+        if [w.shape for w in src] != [tuple(w.shape) for w in layer.weights]:
+            continue
+        layer.set_weights(src)
+        copied.append(layer.name)
+    return copied
+
+
+# --- any image size -------------------------------------------------------------------------
+
+
+def pad_to_multiple(images: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad a (B, H, W, C) batch at the bottom/right to the next multiple; returns it and the original (H, W).
+
+    Symmetric padding (mirror with the edge row repeated) keeps image statistics at the border.
+    """
+    h, w = images.shape[1:3]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        images = np.pad(images, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="symmetric")
+    return images, (h, w)
+
+
+def crop_to(outputs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Crop (B, H', W', ...) model outputs back to the original (H, W) of :func:`pad_to_multiple`."""
+    h, w = size
+    return outputs[:, :h, :w]
+
+
+def count_flops(model: keras.Model, height: int, width: int) -> int:
+    """Forward FLOPs (2 x multiply-adds) for one height x width image, counted analytically from the layers.
+
+    Convolutions and transposed convolutions only: pooling, ReLU, crops and adds are under 0.1%.
+    """
+    convs = [layer for layer in model.layers if isinstance(layer, layers.Conv2D)]
+    probe = keras.Model(model.inputs, [(layer.input, layer.output) for layer in convs])
+    shapes = probe.compute_output_spec(keras.KerasTensor((1, height, width, 3)))
+    flops = 0
+    for layer, (inp, out) in zip(convs, shapes):
+        kh, kw = layer.kernel.shape[:2]
+        in_c, out_c = inp.shape[-1], out.shape[-1]
+        # A transposed conv does its multiply-adds per input pixel; a conv per output pixel.
+        pixels = inp.shape[1] * inp.shape[2] if isinstance(layer, layers.Conv2DTranspose) else out.shape[1] * out.shape[2]
+        flops += 2 * pixels * kh * kw * in_c * out_c
+    return int(flops)

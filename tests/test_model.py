@@ -1,0 +1,240 @@
+"""The FCN builder: shapes, parameter count, layer names, bilinear init, net surgery, staged transfer."""
+
+import os
+import subprocess
+import sys
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import keras
+
+from fcn_cli.errors import FcnError
+from fcn_cli.model import (
+    VARIANTS,
+    bilinear_kernel,
+    build_fcn,
+    crop_to,
+    count_flops,
+    pad_to_multiple,
+    transfer_weights,
+)
+
+TINY = dict(backbone_weights=None, width=1 / 16, head_width=32)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("size", [(224, 224), (352, 480)])
+def test_output_shape_equals_input_shape(variant, size):
+    model = build_fcn(variant, num_classes=12, **TINY)
+    x = np.random.default_rng(0).uniform(0, 255, (2, *size, 3)).astype("float32")
+    y = model.predict(x, verbose=0)
+    assert y.shape == (2, *size, 12)
+    assert y.dtype == np.float32
+
+
+def _analytic_fcn8_params(num_classes=12, head=4096):
+    vgg_conv = 14_714_688  # VGG-16 convolutional part (keras.applications, include_top=False)
+    conv6 = 7 * 7 * 512 * head + head
+    conv7 = head * head + head
+    scores = (head + 1) * num_classes + (512 + 1) * num_classes + (256 + 1) * num_classes
+    # Bias-free transposed convs: 2x (4x4), 2x (4x4), 8x (16x16), each C -> C.
+    upsampling = (4 * 4 + 4 * 4 + 16 * 16) * num_classes * num_classes
+    preprocessing = 3 * 3 + 3  # the frozen RGB -> BGR-minus-mean 1x1 conv
+    return vgg_conv + conv6 + conv7 + scores + upsampling + preprocessing
+
+
+def test_full_fcn8_parameter_count_and_vgg_layer_names(tmp_path):
+    model = build_fcn("fcn8", num_classes=12, backbone_weights=None)
+    assert model.count_params() == _analytic_fcn8_params() == 134_360_432
+
+    vgg = keras.applications.VGG16(include_top=False, weights=None)
+    vgg_convs = [layer.name for layer in vgg.layers if layer.weights or "pool" in layer.name]
+    ours = [layer.name for layer in model.layers if layer.name.startswith("block")]
+    assert ours == vgg_convs
+
+    # Weights saved from that model land in the layers of the same name.
+    rng = np.random.default_rng(1)
+    for layer in vgg.layers:
+        if layer.weights:
+            layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
+    path = tmp_path / "vgg16_notop.weights.h5"
+    vgg.save_weights(path)
+    loaded = build_fcn("fcn8", backbone_weights=path)
+    for layer in vgg.layers:
+        if layer.weights:
+            for a, b in zip(layer.get_weights(), loaded.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(a, b)
+    # Without fc1/fc2 in the file, conv6 keeps its random init.
+    assert not np.allclose(loaded.get_layer("conv6").get_weights()[0], 0)
+
+
+def test_net_surgery_from_a_with_top_legacy_h5(tmp_path):
+    """The standard Keras VGG16 file (legacy HDF5, with top): fc1/fc2 become conv6/conv7 by reshaping."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    vgg = keras.applications.VGG16(include_top=True, weights=None)
+    path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, vgg)
+    model = build_fcn("fcn16", backbone_weights=str(path))
+    fc1_w, fc1_b = vgg.get_layer("fc1").get_weights()
+    fc2_w, fc2_b = vgg.get_layer("fc2").get_weights()
+    conv6_w, conv6_b = model.get_layer("conv6").get_weights()
+    conv7_w, conv7_b = model.get_layer("conv7").get_weights()
+    np.testing.assert_array_equal(conv6_w, fc1_w.reshape(7, 7, 512, 4096))
+    np.testing.assert_array_equal(conv6_b, fc1_b)
+    np.testing.assert_array_equal(conv7_w[0, 0], fc2_w)
+    np.testing.assert_array_equal(conv7_b, fc2_b)
+    np.testing.assert_array_equal(
+        model.get_layer("block5_conv3").get_weights()[0], vgg.get_layer("block5_conv3").get_weights()[0]
+    )
+    # Reshape order check, independent of numpy's reshape: fc1 row index = (h * 7 + w) * 512 + c.
+    h, w, c, o = 3, 5, 17, 101
+    assert conv6_w[h, w, c, o] == fc1_w[(h * 7 + w) * 512 + c, o]
+
+
+def _bilinear_reference(x: np.ndarray, factor: int) -> np.ndarray:
+    """Half-pixel-centre bilinear upsampling of (H, W) written independently of the model code."""
+    h, w = x.shape
+    out = np.empty((h * factor, w * factor))
+    for oy in range(h * factor):
+        for ox in range(w * factor):
+            sy, sx = (oy + 0.5) / factor - 0.5, (ox + 0.5) / factor - 0.5
+            y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+            fy, fx = sy - y0, sx - x0
+            val = 0.0
+            for yy, wy in ((y0, 1 - fy), (y0 + 1, fy)):
+                for xx, wx in ((x0, 1 - fx), (x0 + 1, fx)):
+                    if 0 <= yy < h and 0 <= xx < w:  # outside the map counts as zero (the border effect)
+                        val += wy * wx * x[yy, xx]
+            out[oy, ox] = val
+    return out
+
+
+@pytest.mark.parametrize("factor", [2, 8, 32])
+def test_upsampling_layer_is_bilinear_at_init(factor):
+    from fcn_cli.model import upsample
+
+    channels = 3
+    inp = keras.Input((None, None, channels))
+    model = keras.Model(inp, upsample(inp, channels, factor, "up"))
+    rng = np.random.default_rng(factor)
+    score = rng.normal(size=(1, 5, 6, channels)).astype("float32")
+    out = model.predict(score, verbose=0)
+    assert out.shape == (1, 5 * factor, 6 * factor, channels)
+    for c in range(channels):
+        ref = _bilinear_reference(score[0, :, :, c], factor)
+        # The transposed conv treats outside the map as zero; tf.image.resize would clamp to the edge.
+        # Border effect: only the outer factor/2 output pixels differ; the interior matches exactly.
+        np.testing.assert_allclose(out[0, :, :, c], ref, atol=1e-4)
+        inner = slice(factor // 2, -(factor // 2))
+        clamp = _clamped_resize(score[0, :, :, c], factor)
+        np.testing.assert_allclose(out[0, inner, inner, c], clamp[inner, inner], atol=1e-4)
+
+
+def _clamped_resize(x, factor):
+    import tensorflow as tf
+
+    out = tf.image.resize(x[None, :, :, None], (x.shape[0] * factor, x.shape[1] * factor), method="bilinear")
+    return out.numpy()[0, :, :, 0]
+
+
+def test_bilinear_kernel_is_separable_tent():
+    k = bilinear_kernel(2, 2)
+    np.testing.assert_allclose(k[:, :, 0, 0], np.outer([0.25, 0.75, 0.75, 0.25], [0.25, 0.75, 0.75, 0.25]))
+    assert np.all(k[:, :, 0, 1] == 0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_untrained_logits_are_identical_at_every_pixel(variant):
+    model = build_fcn(variant, **TINY)
+    x = np.random.default_rng(2).uniform(0, 255, (1, 64, 96, 3)).astype("float32")
+    y = model.predict(x, verbose=0)
+    assert np.all(y == y[0, 0, 0])
+
+
+def test_transfer_weights_fcn32_to_16_to_8():
+    fcn32 = build_fcn("fcn32", **TINY)
+    rng = np.random.default_rng(3)
+    for layer in fcn32.layers:
+        if layer.trainable_weights:
+            layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
+    fcn16 = build_fcn("fcn16", **TINY)
+    copied = transfer_weights(fcn32, fcn16)
+    assert "score_fr" in copied and "conv7" in copied and "block1_conv1" in copied
+    assert "upscore32" not in copied  # fcn16 has no such layer
+    for name in copied:
+        for a, b in zip(fcn32.get_layer(name).get_weights(), fcn16.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    fcn8 = build_fcn("fcn8", **TINY)
+    copied8 = transfer_weights(fcn16, fcn8)
+    assert {"score_pool4", "upscore2", "conv6"} <= set(copied8)
+    np.testing.assert_array_equal(
+        fcn8.get_layer("score_pool4").get_weights()[0], fcn16.get_layer("score_pool4").get_weights()[0]
+    )
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(FcnError, match="unknown variant"):
+        build_fcn("fcn4", backbone_weights=None)
+    with pytest.raises(FcnError, match="--backbone-weights none"):
+        build_fcn("fcn8", backbone_weights="imagenet", width=0.5)
+    with pytest.raises(FcnError, match="not found"):
+        build_fcn("fcn8", backbone_weights=tmp_path / "missing.h5")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all")
+    with pytest.raises(FcnError, match="junk.h5"):
+        build_fcn("fcn8", backbone_weights=junk)
+
+
+def test_imagenet_offline_is_one_clear_line(monkeypatch, tmp_path):
+    # Point keras' cache at an empty folder and make every download fail as it does offline.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    import keras.src.utils.file_utils as file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    import keras.src.applications.vgg16 as vgg16_module
+
+    monkeypatch.setattr(vgg16_module.file_utils, "get_file", offline)
+    with pytest.raises(FcnError) as info:
+        build_fcn("fcn8", backbone_weights="imagenet")
+    message = str(info.value)
+    assert "\n" not in message and "--backbone-weights none" in message and "PATH" in message
+
+
+@pytest.mark.parametrize("size", [(1, 1), (31, 33), (360, 480), (64, 64)])
+def test_pad_and_crop_round_trip(size):
+    x = np.random.default_rng(4).uniform(0, 255, (2, *size, 3)).astype("float32")
+    padded, original = pad_to_multiple(x)
+    assert padded.shape[1] % 32 == 0 and padded.shape[2] % 32 == 0
+    assert original == size
+    np.testing.assert_array_equal(crop_to(padded, original), x)
+
+
+def test_flops_match_the_paper_scale():
+    model = build_fcn("fcn8", backbone_weights=None)
+    gflops = count_flops(model, 224, 224) / 1e9
+    # VGG-16 convs 30.7 + conv6 10.1 + conv7 1.6 GFLOP at 224x224.
+    assert 42.3 < gflops < 42.6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_builds_and_runs_under_jax_backend():
+    code = (
+        "import numpy as np; from fcn_cli.model import build_fcn;"
+        "m = build_fcn('fcn8', backbone_weights=None, width=1/16, head_width=16);"
+        "y = m.predict(np.zeros((1, 64, 64, 3), 'float32'), verbose=0); assert y.shape == (1, 64, 64, 12);"
+        "import keras; print(keras.backend.backend())"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("jax")
