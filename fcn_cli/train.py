@@ -1,0 +1,470 @@
+"""The training loop: strategy scope, precision policy, compile, callbacks, fit, resume.
+
+Everything a run writes goes through ``runs.RunFolder`` (chief-only, atomic). The model is built,
+compiled and its optimizer created inside a ``tf.distribute`` strategy scope, so one code path serves
+one CPU, several GPUs and several machines.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fcn_cli.errors import FcnError
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("auto", "one", "mirrored", "multi-worker")
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/camvid"
+    variant: str = "fcn8"
+    batch_size: int = 8
+    epochs: int = 30
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    schedule: str = "poly"
+    image_size: tuple[int, int] = (224, 224)
+    backbone_weights: str = "imagenet"
+    width: float = 1.0
+    head_width: int = 4096
+    init_from: str | None = None
+    class_weights: str = "none"
+    ignore_void: bool = True
+    flip: bool = True
+    scale: tuple[float, float] = (1.0, 1.0)
+    jitter: float = 0.0
+    seed: int = 0
+    out: str = "models"
+    classes: str | None = None
+    precision: str = "auto"
+    strategy: str = "auto"
+    max_steps: int | None = None  # cap on steps per epoch (smoke tests, benchmarks)
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["image_size"] = list(self.image_size)
+        data["scale"] = list(self.scale)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["image_size"] = tuple(known.get("image_size", (224, 224)))
+        known["scale"] = tuple(known.get("scale", (1.0, 1.0)))
+        return cls(**known)
+
+
+# --- hardware choices -------------------------------------------------------------------------
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_precision(requested: str = "auto") -> str:
+    """bf16 where the hardware computes it natively (emulated bf16 is slower than float32)."""
+    if requested not in PRECISIONS:
+        raise FcnError(f"unknown --precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        caps = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0)) for g in gpus]
+        if all(c >= (8, 0) for c in caps):
+            return "mixed_bfloat16"
+        return "mixed_float16" if all(c >= (7, 0) for c in caps) else "float32"
+    return "mixed_bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def make_strategy(name: str = "auto"):
+    """(strategy, description). auto: multi-worker when TF_CONFIG names a cluster, mirrored on >1 GPU."""
+    import json
+
+    import tensorflow as tf
+
+    if name not in STRATEGIES:
+        raise FcnError(f"unknown --strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}").get("cluster", {})
+    workers = sum(len(v) for v in cluster.values()) if cluster else 0
+    if name == "multi-worker" or (name == "auto" and workers > 1):
+        if not cluster:
+            raise FcnError("--strategy multi-worker needs TF_CONFIG naming the cluster (see README)")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        return strategy, f"multi-worker ({workers} workers, {strategy.num_replicas_in_sync} replicas)"
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        strategy = tf.distribute.MirroredStrategy()
+        return strategy, f"mirrored ({strategy.num_replicas_in_sync} replicas)"
+    strategy = tf.distribute.get_strategy()
+    return strategy, f"one device ({'GPU' if gpus else 'CPU'})"
+
+
+def is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                             and "chief" not in resolver.cluster_spec().as_dict())
+
+
+# --- building blocks --------------------------------------------------------------------------
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
+    import keras
+
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "constant":
+        lr = cfg.lr
+    elif cfg.schedule == "poly":
+        # The "poly" policy of DeepLab/FCN follow-ups: lr * (1 - t/T)^0.9.
+        lr = keras.optimizers.schedules.PolynomialDecay(cfg.lr, total, end_learning_rate=cfg.lr * 0.01, power=0.9)
+    elif cfg.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, total, alpha=0.01)
+    else:
+        raise FcnError(f"unknown --schedule {cfg.schedule!r}; choose constant, poly or cosine")
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9)
+    raise FcnError(f"unknown --optimizer {cfg.optimizer!r}; choose adam or sgd")
+
+
+def compile_model(model, optimizer, num_classes: int, ignore_index):
+    import keras
+
+    from fcn_cli.metrics import MeanIoU, PixelAccuracy
+
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[
+            MeanIoU(num_classes, ignore_class=ignore_index, name="miou"),
+            PixelAccuracy(num_classes, ignore_class=ignore_index, name="pixel_accuracy"),
+        ],
+    )
+    return model
+
+
+def class_weight_vector(masks, classes, how: str):
+    """None, or median-frequency weights from the decoded training masks."""
+    import numpy as np
+
+    from fcn_cli.datasets import median_frequency_weights
+
+    if how == "none":
+        return None
+    if how != "median":
+        raise FcnError(f"unknown --class-weights {how!r}; choose none or median")
+    n = classes.num_classes
+    pixels = np.zeros(n, np.int64)
+    present = np.zeros(n, np.int64)
+    for m in masks:
+        counts = np.bincount(m.reshape(-1), minlength=n)[:n]
+        pixels += counts
+        present += np.where(counts > 0, m.size, 0)
+    return median_frequency_weights(pixels, present, classes.ignore_index)
+
+
+def checkpoint_meta(cfg: TrainConfig, classes, precision: str, epoch: int, val_miou) -> dict:
+    from fcn_cli import __version__
+
+    return {
+        "variant": cfg.variant,
+        "classes": classes.to_dict(),
+        "image_size": list(cfg.image_size),
+        "width": cfg.width,
+        "head_width": cfg.head_width,
+        "precision": precision,
+        "epoch": epoch,
+        "val_miou": val_miou,
+        "fcn_version": __version__,
+    }
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    best_miou: float | None
+    best_epoch: int | None
+    stable_path: Path | None
+    rows: list
+    interrupted: bool = False
+    seconds: float = 0.0
+    images_per_s: float | None = None
+
+
+def train(cfg: TrainConfig, console=None, resume: str | None = None) -> TrainResult:
+    """Train per ``cfg`` (or continue the run folder ``resume``); returns where everything went."""
+    from rich.console import Console
+
+    from fcn_cli.runs import RunFolder
+
+    console = console or Console()
+    if resume is not None:
+        run_path = Path(resume)
+        saved = RunFolder.open(run_path).read_config()
+        epochs = cfg.epochs if cfg.extra.get("epochs_given") else saved.get("epochs")
+        cfg = TrainConfig.from_json({**saved, "epochs": epochs})
+
+    # Data first: every problem with the user's files shows before any model is built.
+    data = prepare_data(cfg, console)
+
+    import keras
+
+    precision = choose_precision(cfg.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(cfg.seed)
+    strategy, strategy_desc = make_strategy(cfg.strategy)
+    chief = is_chief(strategy)
+    console.print(f"[bold]strategy[/] {strategy_desc}  [bold]precision[/] {precision}")
+
+    run = RunFolder.open(resume, chief) if resume else RunFolder.create(Path(cfg.out), cfg.variant, chief)
+    try:
+        return _fit(cfg, data, run, strategy, strategy_desc, precision, console, Path(resume) if resume else None)
+    finally:
+        run.close()
+
+
+@dataclass
+class _Data:
+    classes: object
+    train: object
+    val: object
+    steps_per_epoch: int
+    n_train: int
+    n_val: int
+
+
+def prepare_data(cfg: TrainConfig, console) -> _Data:
+    from fcn_cli import pipeline
+    from fcn_cli.classes import load_classes
+    from fcn_cli.datasets import find_dataset, quick_check
+
+    classes = load_classes(cfg.classes)
+    data_dir = Path(cfg.data)
+    if not data_dir.exists():
+        raise FcnError(
+            f"{data_dir}: data folder not found; get CamVid with `fcn data download camvid --dir {data_dir}` "
+            "or make a demo set with `fcn data synthetic DIR` and pass --data DIR"
+        )
+    h, w = cfg.image_size
+    if h % 32 or w % 32 or h < 32 or w < 32:
+        raise FcnError(f"--image-size {h}x{w}: height and width must be multiples of 32 (e.g. 224x224, 352x480)")
+    dataset = find_dataset(data_dir)
+    train_pairs = dataset.pairs("train")
+    val_split = "val" if dataset.splits.get("val") else "test"
+    val_pairs = dataset.pairs(val_split)
+    problems = quick_check(dataset, classes, ["train", val_split])
+    if problems:
+        listing = "; ".join(str(p) for p in problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise FcnError(f"{data_dir}: {len(problems)} problem(s) in the data set: {listing} (run `fcn data check {data_dir}`)")
+    with console.status(f"decoding {len(train_pairs)} train + {len(val_pairs)} {val_split} pairs"):
+        train_arrays = pipeline.load_arrays(train_pairs, classes)
+        val_arrays = pipeline.load_arrays(val_pairs, classes)
+    weights = class_weight_vector(train_arrays[1], classes, cfg.class_weights)
+    augment = pipeline.Augment(flip=cfg.flip, scale=tuple(cfg.scale), jitter=cfg.jitter)
+    train_ds = pipeline.training_dataset(
+        train_pairs, classes, image_size=cfg.image_size, batch_size=cfg.batch_size, augment=augment,
+        seed=cfg.seed, ignore_void=cfg.ignore_void, class_weights=weights, arrays=train_arrays,
+    )
+    val_ds = pipeline.validation_dataset(
+        val_pairs, classes, image_size=cfg.image_size, batch_size=cfg.batch_size, arrays=val_arrays,
+    )
+    steps = len(train_pairs) // cfg.batch_size if len(train_pairs) >= cfg.batch_size else 1
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+        train_ds = train_ds.take(steps)
+    return _Data(classes, train_ds, val_ds, steps, len(train_pairs), len(val_pairs))
+
+
+def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir: Path | None) -> TrainResult:
+    import keras
+
+    from fcn_cli.model import build_fcn, transfer_weights
+    from fcn_cli.runs import RunFolder, load_checkpoint
+
+    classes = data.classes
+    resuming = resume_dir is not None
+    # Every worker reads the run's own files; only the chief writes them.
+    source = RunFolder(resume_dir) if resuming else run
+    state = source.read_state() if resuming else {"epochs_done": 0, "best_miou": None, "best_epoch": None}
+    rows = source.read_log() if resuming else []
+    with strategy.scope():
+        if resuming:
+            if not source.last.exists():
+                raise FcnError(f"{source.last}: no checkpoint to resume from; start a new run")
+            model, _ = load_checkpoint(source.last, classes.num_classes, compile=True)
+        else:
+            model = build_fcn(cfg.variant, classes.num_classes, cfg.backbone_weights, cfg.width, cfg.head_width)
+            if cfg.init_from:
+                source, _ = load_checkpoint(Path(cfg.init_from), classes.num_classes)
+                copied = transfer_weights(source, model)
+                if not copied:
+                    raise FcnError(f"{cfg.init_from}: no layer matches this model; give a checkpoint of the same --width/--head-width")
+                console.print(f"initialized {len(copied)} layers from {cfg.init_from}")
+            compile_model(model, make_optimizer(cfg, data.steps_per_epoch), classes.num_classes, classes.ignore_index)
+
+    if not resuming:
+        run.write_config({**cfg.to_json(), "precision_used": precision, "strategy_used": strategy_desc,
+                          "train_pairs": data.n_train, "val_pairs": data.n_val, "steps_per_epoch": data.steps_per_epoch})
+    recorder = EpochRecorder(run, cfg, classes, precision, state, rows, console)
+    progress = RichProgress(console, data.steps_per_epoch, cfg.batch_size, cfg.epochs)
+    started = time.perf_counter()
+    interrupted = False
+    if state["epochs_done"] < cfg.epochs:
+        try:
+            model.fit(
+                data.train, validation_data=data.val, epochs=cfg.epochs, initial_epoch=state["epochs_done"],
+                steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder], verbose=0,
+            )
+        except KeyboardInterrupt:
+            interrupted = True
+            progress.stop()
+            # Mid-epoch weights go to last.keras; the log and state still say the last finished epoch.
+            run.save_checkpoint(model, "last", checkpoint_meta(cfg, classes, precision, recorder.state["epochs_done"], None))
+            console.print(f"[yellow]interrupted[/]: saved {run.last}; continue with `fcn train --resume {run.path}`")
+    progress.stop()
+    if recorder.diverged:
+        raise FcnError(
+            f"training diverged at epoch {recorder.diverged[0]} (loss {recorder.diverged[1]}); "
+            f"the last good checkpoint is {run.last if run.last.exists() else 'none (first epoch)'}; "
+            "lower --lr or use --precision float32"
+        )
+    seconds = time.perf_counter() - started
+    rates = [r["images_per_s"] for r in recorder.rows if r.get("images_per_s")]
+    return TrainResult(
+        run.path, recorder.state["epochs_done"], recorder.state["best_miou"], recorder.state["best_epoch"],
+        recorder.stable, recorder.rows, interrupted, seconds, (sum(rates) / len(rates)) if rates else None,
+    )
+
+
+def _keras_callback_base():
+    import keras
+
+    return keras.callbacks.Callback
+
+
+class EpochRecorder(_keras_callback_base()):
+    """After each finished epoch: last checkpoint, best checkpoint + stable link, CSV log, state, plot."""
+
+    def __init__(self, run, cfg, classes, precision, state, rows, console):
+        super().__init__()
+        self.run, self.cfg, self.classes, self.precision = run, cfg, classes, precision
+        self.state, self.rows, self.console = dict(state), list(rows), console
+        self.diverged = None
+        self.stable = None
+        self._t0 = None
+        self._images = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+        self._images = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        self._images += self.cfg.batch_size
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged = (self.state["epochs_done"] + 1, float(loss))
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.diverged:
+            return  # never let a NaN model replace the last good checkpoint
+        logs = logs or {}
+        seconds = time.perf_counter() - self._t0
+        miou = float(logs.get("val_miou", float("nan")))
+        row = {
+            "epoch": epoch + 1,
+            "loss": float(logs.get("loss", float("nan"))),
+            "val_loss": float(logs.get("val_loss", float("nan"))),
+            "val_pixel_accuracy": float(logs.get("val_pixel_accuracy", float("nan"))),
+            "val_miou": miou,
+            "lr": _current_lr(self.model),
+            "seconds": round(seconds, 2),
+            "images_per_s": round(self._images / seconds, 3) if seconds > 0 else None,
+        }
+        meta = checkpoint_meta(self.cfg, self.classes, self.precision, epoch + 1, miou)
+        self.run.save_checkpoint(self.model, "last", meta)
+        best = self.state["best_miou"]
+        if math.isfinite(miou) and (best is None or miou > best):
+            self.run.save_checkpoint(self.model, "best", meta)
+            self.state.update(best_miou=miou, best_epoch=epoch + 1)
+            self.stable = self.run.link_stable(Path(self.cfg.out) / f"{self.cfg.variant}.keras")
+        self.state["epochs_done"] = epoch + 1
+        self.rows.append(row)
+        self.run.write_epoch(self.rows, self.state)
+        self.run.plot_curves(self.rows)
+
+
+def _current_lr(model) -> float:
+    opt = model.optimizer
+    lr = opt.learning_rate
+    try:
+        return float(lr(opt.iterations)) if callable(lr) else float(lr)
+    except Exception:
+        return float(opt._get_current_learning_rate()) if hasattr(opt, "_get_current_learning_rate") else float("nan")
+
+
+class RichProgress(_keras_callback_base()):
+    """One rich progress bar per epoch: step, loss, images/s; validation scores when the epoch ends."""
+
+    def __init__(self, console, steps, batch_size, epochs):
+        super().__init__()
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console, self.steps, self.batch_size, self.epochs = console, steps, batch_size, epochs
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} img/s"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = None
+        self._t0 = 0.0
+        self._started = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._started:
+            self.progress.start()
+            self._started = True
+        self._t0 = time.perf_counter()
+        self.task = self.progress.add_task("train", total=self.steps, epoch=epoch + 1, epochs=self.epochs, loss=float("nan"), rate=0.0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        loss = float((logs or {}).get("loss", float("nan")))
+        self.progress.update(self.task, completed=batch + 1, loss=loss, rate=(batch + 1) * self.batch_size / elapsed)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.progress.update(self.task, completed=self.steps)
+        self.progress.console.print(
+            f"  epoch {epoch + 1}: val loss {logs.get('val_loss', float('nan')):.4f}  "
+            f"val pixel acc {logs.get('val_pixel_accuracy', float('nan')):.3f}  val mIoU {logs.get('val_miou', float('nan')):.3f}"
+        )
+
+    def stop(self):
+        if self._started:
+            self.progress.stop()
+            self._started = False
