@@ -104,6 +104,8 @@ def _raise_collected(errors: list[str], total: int, what: str) -> None:
     """One FcnError listing every failure (the first MAX_LISTED_ERRORS, then a count)."""
     if not errors:
         return
+    if len(errors) == 1:  # the common case stays one line: the file, the problem, the fix
+        raise FcnError(f"{errors[0]} (1 of {total} pairs {what}; fix or remove it before training)")
     listed = errors[:MAX_LISTED_ERRORS]
     more = len(errors) - len(listed)
     lines = [f"{len(errors)} of {total} pairs {what}; fix or remove these files before training:"]

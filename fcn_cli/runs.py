@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fcn_cli.errors import FcnError
-from fcn_cli.images import atomic_write_bytes
+from fcn_cli.images import _umask_mode, atomic_write_bytes
 
 META_ENTRY = "fcn.json"
 LOG_FIELDS = ("epoch", "loss", "val_loss", "val_pixel_accuracy", "val_miou", "lr", "seconds", "images_per_s")
@@ -62,6 +62,7 @@ def save_checkpoint(model, path: Path, meta: dict) -> None:
     """Save ``model`` (with optimizer state) to ``path`` atomically, with ``meta`` embedded."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
+    os.fchmod(fd, _umask_mode())
     os.close(fd)
     try:
         model.save(tmp)

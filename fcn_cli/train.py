@@ -333,7 +333,7 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
         try:
             model.fit(
                 data.train, validation_data=data.val, epochs=cfg.epochs, initial_epoch=state["epochs_done"],
-                steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder], verbose=0,
+                steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder], verbose=0, shuffle=False,
             )
         except KeyboardInterrupt:
             interrupted = True
@@ -424,32 +424,34 @@ def _current_lr(model) -> float:
 
 
 class RichProgress(_keras_callback_base()):
-    """One rich progress bar per epoch: step, loss, images/s; validation scores when the epoch ends."""
+    """A rich progress bar per epoch (step, loss, images/s), then a line with the validation scores."""
 
     def __init__(self, console, steps, batch_size, epochs):
         super().__init__()
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.console, self.steps, self.batch_size, self.epochs = console, steps, batch_size, epochs
-        self.progress = Progress(
+        self.progress = None
+        self.task = None
+        self._t0 = 0.0
+
+    def _new_progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        return Progress(
             TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} img/s"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
+            TimeElapsedColumn(),
+            console=self.console,
         )
-        self.task = None
-        self._t0 = 0.0
-        self._started = False
 
     def on_epoch_begin(self, epoch, logs=None):
-        if not self._started:
-            self.progress.start()
-            self._started = True
+        self.progress = self._new_progress()
+        self.progress.start()
         self._t0 = time.perf_counter()
-        self.task = self.progress.add_task("train", total=self.steps, epoch=epoch + 1, epochs=self.epochs, loss=float("nan"), rate=0.0)
+        self.task = self.progress.add_task(
+            "train", total=self.steps, epoch=epoch + 1, epochs=self.epochs, loss=float("nan"), rate=0.0
+        )
 
     def on_train_batch_end(self, batch, logs=None):
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
@@ -458,13 +460,14 @@ class RichProgress(_keras_callback_base()):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        self.progress.update(self.task, completed=self.steps)
-        self.progress.console.print(
-            f"  epoch {epoch + 1}: val loss {logs.get('val_loss', float('nan')):.4f}  "
-            f"val pixel acc {logs.get('val_pixel_accuracy', float('nan')):.3f}  val mIoU {logs.get('val_miou', float('nan')):.3f}"
+        self.stop()
+        self.console.print(
+            f"  val loss {logs.get('val_loss', float('nan')):.4f}  "
+            f"val pixel acc {logs.get('val_pixel_accuracy', float('nan')):.3f}  "
+            f"val mIoU {logs.get('val_miou', float('nan')):.3f}"
         )
 
     def stop(self):
-        if self._started:
+        if self.progress is not None:
             self.progress.stop()
-            self._started = False
+            self.progress = None

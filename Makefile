@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FCN := $(VENV)/bin/fcn
+
+.PHONY: install demo test bench bench-camvid clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(FCN) demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/speed.py
+
+bench-camvid: install
+	$(PY) bench/camvid.py
+
+clean:
+	rm -rf demo_out .pytest_cache .hypothesis
