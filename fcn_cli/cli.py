@@ -148,6 +148,7 @@ def train(
     precision: Annotated[Precision, typer.Option(help="Compute precision; auto picks bf16 where the hardware has it natively.")] = Precision.auto,
     strategy: Annotated[Strategy, typer.Option(help="tf.distribute strategy; auto: multi-worker with TF_CONFIG, mirrored on >1 GPU.")] = Strategy.auto,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Cap the steps per epoch (quick trials).")] = None,
+    time_limit: Annotated[Optional[float], typer.Option(min=0.1, help="Stop after the last epoch that fits in this many minutes (the run stays resumable).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch (its own settings; --epochs may extend it).")] = None,
 ):
     """Train an FCN; writes a run folder under --out with config, CSV log, curves and checkpoints."""
@@ -162,7 +163,7 @@ def train(
         init_from=str(init_from) if init_from else None, class_weights=class_weights.value,
         ignore_void=ignore_void, flip=flip, scale=parse_range(scale, "--scale"), jitter=jitter, seed=seed,
         out=str(out), classes=str(classes) if classes else None, precision=precision.value,
-        strategy=strategy.value, max_steps=max_steps, extra={"epochs_given": epochs_given},
+        strategy=strategy.value, max_steps=max_steps, time_limit=time_limit, extra={"epochs_given": epochs_given},
     )
     console = _console()
     result = run_training(cfg, console, resume=str(resume) if resume else None)
@@ -299,7 +300,7 @@ def data_download(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data, model and masks.")] = Path("demo_out"),
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 40,
     seed: Annotated[int, typer.Option(help="Seed for data and training.")] = 0,
 ):
     """Generate a synthetic street set, train a small FCN-8s, evaluate it and predict masks (a few minutes on 2 cores)."""

@@ -44,6 +44,7 @@ class TrainConfig:
     precision: str = "auto"
     strategy: str = "auto"
     max_steps: int | None = None  # cap on steps per epoch (smoke tests, benchmarks)
+    time_limit: float | None = None  # minutes; stop after the last epoch that fits
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -371,16 +372,19 @@ class EpochRecorder(_keras_callback_base()):
         self.state, self.rows, self.console = dict(state), list(rows), console
         self.diverged = None
         self.stable = None
+        self._started = time.perf_counter()
         self._t0 = None
         self._images = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
         self._images = 0
+        self._train_seconds = 0.0
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         self._images += self.cfg.batch_size
+        self._train_seconds = time.perf_counter() - self._t0
         if loss is not None and not math.isfinite(float(loss)):
             self.diverged = (self.state["epochs_done"] + 1, float(loss))
             self.model.stop_training = True
@@ -399,7 +403,8 @@ class EpochRecorder(_keras_callback_base()):
             "val_miou": miou,
             "lr": _current_lr(self.model),
             "seconds": round(seconds, 2),
-            "images_per_s": round(self._images / seconds, 3) if seconds > 0 else None,
+            # Training images per second of the epoch's training part (validation excluded).
+            "images_per_s": round(self._images / self._train_seconds, 3) if self._train_seconds > 0 else None,
         }
         meta = checkpoint_meta(self.cfg, self.classes, self.precision, epoch + 1, miou)
         self.run.save_checkpoint(self.model, "last", meta)
@@ -412,6 +417,13 @@ class EpochRecorder(_keras_callback_base()):
         self.rows.append(row)
         self.run.write_epoch(self.rows, self.state)
         self.run.plot_curves(self.rows)
+        if self.cfg.time_limit and self._would_overrun(seconds):
+            self.console.print(f"time limit of {self.cfg.time_limit:g} min reached after epoch {epoch + 1}")
+            self.model.stop_training = True
+
+    def _would_overrun(self, last_epoch_seconds: float) -> bool:
+        elapsed = time.perf_counter() - self._started
+        return elapsed + last_epoch_seconds > self.cfg.time_limit * 60
 
 
 def _current_lr(model) -> float:

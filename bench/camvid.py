@@ -1,0 +1,143 @@
+"""Proof of learning on real CamVid: our recipe against the design notes' recipe, same budget, one run.
+
+    make bench-camvid            # or: .venv/bin/python bench/camvid.py --budget-min 30
+
+Each recipe trains FCN-8s from scratch (no ImageNet: no internet here) through `fcn train`, then
+`fcn evaluate --split val` scores it at the annotations' own 480x360 (11 classes, void ignored).
+Writes bench/results/camvid-<stamp>.json (curves + final tables) and camvid-<stamp>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "camvid"
+
+# Shared by both recipes so the comparison is about the recipe, not the model size.
+MODEL = ["--variant", "fcn8", "--backbone-weights", "none", "--width", "0.5", "--head-width", "1024", "--batch-size", "8"]
+
+RECIPES = {
+    # Ours: 4:3 input at about half resolution, random zoom + crop, flips, light colour jitter,
+    # median-frequency class weights (the rare thin classes), void ignored, poly learning rate.
+    "ours": ["--image-size", "192x256", "--scale", "0.75,1.5", "--jitter", "0.1", "--class-weights", "median",
+             "--lr", "1e-3", "--schedule", "poly", "--optimizer", "adam"],
+    # The design notes: square 224x224 resize, Adam 1e-3 constant, all 12 classes in the loss, no augmentation.
+    "design-notes": ["--image-size", "224x224", "--no-flip", "--no-ignore-void", "--class-weights", "none",
+                     "--lr", "1e-3", "--schedule", "constant", "--optimizer", "adam"],
+}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    started = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "120"})
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed (rc {proc.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+def recipe_result(name: str, args, out: Path) -> dict:
+    fcn = [sys.executable, "-m", "fcn_cli"]
+    models = out / name
+    shutil.rmtree(models, ignore_errors=True)
+    models.mkdir(parents=True)
+    # The evaluation at native resolution takes about a minute; training gets the rest of the budget.
+    train_minutes = args.budget_min - args.eval_min
+    train_cmd = [*fcn, "train", "--data", str(args.data), *MODEL, *RECIPES[name], "--epochs", str(args.epochs),
+                 "--time-limit", str(train_minutes), "--seed", str(args.seed), "--out", str(models)]
+    train_s = run(train_cmd, out / f"{name}-train.log")
+    run_dir = next(p for p in models.iterdir() if p.is_dir())
+    eval_json = out / f"{name}-val.json"
+    eval_cmd = [*fcn, "evaluate", "--split", "val", "--data", str(args.data), "--model", str(run_dir / "best.keras"),
+                "--json", str(eval_json)]
+    eval_s = run(eval_cmd, out / f"{name}-eval.log")
+    with open(run_dir / "log.csv") as fh:
+        curve = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
+    return {
+        "command": " ".join(train_cmd[2:]),
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
+        "total_minutes": round((train_s + eval_s) / 60, 2),
+        "epochs_done": len(curve),
+        "curve": curve,
+        "val_native": json.loads(eval_json.read_text()),
+        "run_dir": str(run_dir),
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, res in results.items():
+        epochs = [r["epoch"] for r in res["curve"]]
+        ax1.plot(epochs, [r["val_miou"] for r in res["curve"]], label=f"{name} (val mIoU at train size)")
+        ax1.axhline(res["val_native"]["mean_iou"], ls="--", lw=1, color=ax1.lines[-1].get_color(),
+                    label=f"{name}: {res['val_native']['mean_iou']:.3f} at native 480x360")
+        names = [c["name"] for c in res["val_native"]["per_class"] if c.get("iou") is not None]
+        ious = [c["iou"] for c in res["val_native"]["per_class"] if c.get("iou") is not None]
+        ax2.barh([f"{n[:18]}" for n in names], ious, alpha=0.6, label=name)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylim(0, 1)
+    ax1.legend(fontsize=8)
+    ax1.set_title("CamVid val mIoU")
+    ax2.set_xlim(0, 1)
+    ax2.set_title("per-class IoU at native resolution")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CamVid in the SegNet layout")
+    parser.add_argument("--budget-min", type=float, default=30.0, help="minutes per recipe, training + evaluation")
+    parser.add_argument("--eval-min", type=float, default=1.5, help="minutes kept for the native evaluation")
+    parser.add_argument("--epochs", type=int, default=60, help="epochs the schedule is planned over (time limit applies)")
+    parser.add_argument("--recipes", default="ours,design-notes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if not (args.data / "train").is_dir():
+        sys.exit(f"{args.data}: CamVid not found; `fcn data download camvid --dir DIR` and pass --data DIR")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = args.out / f"camvid-{stamp}"
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.recipes.split(","):
+        print(f"== {name}: {args.budget_min:g} min budget", flush=True)
+        results[name] = recipe_result(name, args, work)
+        res = results[name]["val_native"]
+        print(f"   {name}: val mIoU {res['mean_iou']:.4f}, pixel acc {res['pixel_accuracy']:.4f}, "
+              f"{results[name]['epochs_done']} epochs, {results[name]['total_minutes']} min", flush=True)
+    report = {
+        "benchmark": "camvid-proof-of-learning",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"cpus": os.cpu_count()},
+        "budget_minutes": args.budget_min,
+        "protocol": "CamVid val (101 images), 11 classes, void ignored, scored at 480x360 via `fcn evaluate`",
+        "recipes": results,
+    }
+    out_json = args.out / f"camvid-{stamp}.json"
+    out_json.write_text(json.dumps(report, indent=2))
+    plot(results, args.out / f"camvid-{stamp}.png")
+    print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
+    for name, res in results.items():
+        per = ", ".join(f"{c['name']} {c['iou']:.2f}" for c in res["val_native"]["per_class"] if c.get("iou") is not None)
+        print(f"{name}: mIoU {res['val_native']['mean_iou']:.4f} | {per}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""`fcn demo`: the whole product in a few minutes on a laptop CPU, on data the project draws itself.
+
+Generate a synthetic street set -> train a small FCN-8s -> evaluate at native resolution -> predict
+masks with overlays -> one table with the score and every path written.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+# Small enough for two CPU cores, big enough to learn the synthetic scenes' 11 classes.
+DEMO_SIZE = (96, 128)
+DEMO_TRAIN_PAIRS = 160
+DEMO_WIDTH = 0.25
+DEMO_HEAD_WIDTH = 128
+
+
+def run_demo(out: Path, epochs: int = 40, seed: int = 0, console=None) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fcn_cli.evaluate import evaluate
+    from fcn_cli.predict import predict
+    from fcn_cli.synthetic import generate_synthetic
+    from fcn_cli.train import TrainConfig, train
+
+    console = console or Console()
+    out = Path(out)
+    started = time.perf_counter()
+    data_dir = out / "data"
+    console.rule("1/4  synthetic street scenes")
+    counts = generate_synthetic(data_dir, count=DEMO_TRAIN_PAIRS, size=DEMO_SIZE, seed=seed)
+    console.print(f"{data_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + " pairs")
+
+    console.rule("2/4  train FCN-8s")
+    cfg = TrainConfig(
+        data=str(data_dir), variant="fcn8", batch_size=8, epochs=epochs, lr=1e-3, schedule="poly",
+        image_size=DEMO_SIZE, backbone_weights="none", width=DEMO_WIDTH, head_width=DEMO_HEAD_WIDTH,
+        seed=seed, out=str(out / "models"),
+    )
+    result = train(cfg, console)
+    checkpoint = result.stable_path or Path(result.run_dir) / "best.keras"
+
+    console.rule("3/4  evaluate on the val split")
+    json_path = out / "eval-val.json"
+    scores = evaluate(checkpoint, data_dir, split="val", json_path=json_path, console=console)
+
+    console.rule("4/4  predict masks")
+    pred_dir = out / "predictions"
+    predicted = predict([str(data_dir / "test")], str(pred_dir), checkpoint, overlay=True, legend=True, console=console)
+
+    seconds = time.perf_counter() - started
+    table = Table(title="fcn demo", show_header=False)
+    table.add_row("val mean IoU", f"{scores['mean_iou']:.3f} (chance ≈ {1 / 11:.3f})")
+    table.add_row("val pixel accuracy", f"{scores['pixel_accuracy']:.3f}")
+    table.add_row("epochs / time", f"{result.epochs_done} / {seconds:.0f} s")
+    table.add_row("data", str(data_dir))
+    table.add_row("run folder", str(result.run_dir))
+    table.add_row("checkpoint", str(checkpoint))
+    table.add_row("metrics", str(json_path))
+    table.add_row("masks", f"{pred_dir} ({len(predicted.written)} files)")
+    console.print(table)
+    return {"mean_iou": scores["mean_iou"], "pixel_accuracy": scores["pixel_accuracy"], "seconds": seconds,
+            "run_dir": str(result.run_dir), "checkpoint": str(checkpoint)}

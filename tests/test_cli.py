@@ -1,0 +1,214 @@
+"""The tool end to end, as a user runs it: real `fcn` processes on a generated data set, tiny models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fcn_cli.classes import CAMVID
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--width", "0.0625", "--head-width", "16", "--backbone-weights", "none", "--image-size", "64x64",
+        "--batch-size", "4", "--precision", "float32"]
+
+
+def fcn(*args, cwd=None, timeout=600, check=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+    proc = subprocess.run([sys.executable, "-m", "fcn_cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+    if check is not None:
+        assert proc.returncode == check, f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from fcn_cli.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("cli") / "synth"
+    generate_synthetic(root, count=16, size=(64, 64), seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models")
+    proc = fcn("train", "--data", data_dir, "--variant", "fcn8", "--epochs", "2", "--out", out, *TINY, check=0)
+    runs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(runs) == 1
+    return out, runs[0], proc
+
+
+def test_train_writes_a_complete_run_folder(trained):
+    out, run, proc = trained
+    for name in ("config.json", "log.csv", "state.json", "last.keras", "best.keras", "curves.png"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for key in ("loss", "val_loss", "val_pixel_accuracy", "val_miou"):
+        assert 0 <= float(rows[-1][key]) < 100, key
+    config = json.loads((run / "config.json").read_text())
+    assert config["variant"] == "fcn8" and config["image_size"] == [64, 64]
+    stable = out / "fcn8.keras"
+    assert stable.is_symlink() and stable.resolve() == (run / "best.keras").resolve()
+    assert "best val mIoU" in proc.stdout
+    assert not [p for p in run.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_checkpoints_reload_with_metadata(trained):
+    from fcn_cli.runs import load_checkpoint
+
+    _, run, _ = trained
+    model, meta = load_checkpoint(run / "best.keras", num_classes=12)
+    assert model.output_shape[-1] == 12
+    assert meta["variant"] == "fcn8" and meta["image_size"] == [64, 64]
+    assert meta["classes"]["classes"][3]["name"] == "road"
+
+
+def test_evaluate_json_has_every_metric_in_unit_range(trained, data_dir, tmp_path):
+    out, _, _ = trained
+    report = tmp_path / "val.json"
+    proc = fcn("evaluate", "--split", "val", "--data", data_dir, "--models-dir", out, "--json", report, check=0)
+    result = json.loads(report.read_text())
+    for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
+        assert 0.0 <= result[key] <= 1.0, key
+    for entry in result["per_class"]:
+        for key in ("iou", "accuracy", "dice"):
+            assert entry[key] is None or 0.0 <= entry[key] <= 1.0
+    assert (tmp_path / "val_confusion.csv").is_file() and (tmp_path / "val_confusion.png").is_file()
+    assert "mean" in proc.stdout.lower()
+
+
+def test_predict_any_size_gives_palette_mask_of_input_size(trained, tmp_path):
+    out, _, _ = trained
+    photo = tmp_path / "street.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(photo)
+    mask_path = tmp_path / "mask.png"
+    fcn("predict", photo, "-o", mask_path, "--models-dir", out, check=0)
+    mask = np.asarray(Image.open(mask_path).convert("RGB"))
+    assert mask.shape == (70, 90, 3)
+    colours = {tuple(c) for c in mask.reshape(-1, 3)}
+    assert colours <= set(CAMVID.colors)
+
+
+def test_resume_continues_at_the_right_epoch(data_dir, tmp_path):
+    out = tmp_path / "models"
+    fcn("train", "--data", data_dir, "--epochs", "1", "--out", out, *TINY, check=0)
+    run = next(p for p in out.iterdir() if p.is_dir())
+    proc = fcn("train", "--resume", run, "--epochs", "3", check=0)
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert "epoch 2/3" in proc.stdout and "epoch 1/3" not in proc.stdout
+    assert json.loads((run / "state.json").read_text())["epochs_done"] == 3
+
+
+def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_resume_finishes(data_dir, tmp_path):
+    from fcn_cli.runs import load_checkpoint
+
+    out = tmp_path / "models"
+    # Slow enough per epoch (bigger images) that the kill lands inside an epoch.
+    args = [sys.executable, "-m", "fcn_cli", "train", "--data", str(data_dir), "--epochs", "4", "--out", str(out),
+            *TINY[:-6], "--image-size", "128x128", "--batch-size", "2", "--precision", "float32"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    log = None
+    while time.time() < deadline:
+        runs = [p for p in out.iterdir() if p.is_dir()] if out.exists() else []
+        if runs and (runs[0] / "log.csv").exists():
+            log = runs[0] / "log.csv"
+            break
+        time.sleep(0.2)
+    assert log is not None, "first epoch never finished"
+    time.sleep(0.5)  # into the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    run = log.parent
+    done = json.loads((run / "state.json").read_text())["epochs_done"]
+    rows = list(csv.DictReader(open(log)))
+    assert len(rows) == done >= 1
+    model, meta = load_checkpoint(run / "last.keras", num_classes=12)
+    assert meta["epoch"] == done
+    fcn("train", "--resume", run, check=0)
+    rows = list(csv.DictReader(open(log)))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_wrong_checkpoint_path_is_one_clear_line(data_dir, tmp_path):
+    proc = fcn("evaluate", "--data", data_dir, "--model", tmp_path / "nope.keras")
+    _one_line_error(proc, "nope.keras", "not found")
+
+
+def test_non_keras_file_is_one_clear_line(data_dir, tmp_path):
+    bogus = tmp_path / "bogus.keras"
+    bogus.write_text("hello, I am not a model")
+    _one_line_error(fcn("evaluate", "--data", data_dir, "--model", bogus), "bogus.keras")
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (40, 40)).save(photo)
+    _one_line_error(fcn("predict", photo, "--model", bogus), "bogus.keras")
+
+
+def test_missing_data_folder_says_how_to_get_data(tmp_path):
+    proc = fcn("train", "--data", tmp_path / "camvid", "--backbone-weights", "none")
+    _one_line_error(proc, "fcn data download camvid", "fcn data synthetic")
+
+
+@pytest.mark.parametrize("problem", ["missing_mask", "size_mismatch", "bad_value", "unknown_colour", "truncated", "empty"])
+def test_bad_data_stops_training_with_the_file_named(problem, data_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    victim = sorted((bad / "trainannot").iterdir())[0]
+    needle = victim.name
+    if problem == "missing_mask":
+        victim.unlink()
+    elif problem == "size_mismatch":
+        Image.open(victim).resize((32, 32), Image.NEAREST).save(victim)
+    elif problem == "bad_value":
+        arr = np.asarray(Image.open(victim)).copy()
+        arr[0, 0] = 200
+        Image.fromarray(arr).save(victim)
+    elif problem == "unknown_colour":
+        rgb = CAMVID.colorize(np.asarray(Image.open(victim))).copy()
+        rgb[0, 0] = (1, 2, 3)
+        Image.fromarray(rgb).save(victim)
+    elif problem == "truncated":
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) // 2])
+    elif problem == "empty":
+        shutil.rmtree(bad)
+        bad.mkdir()
+        needle = str(bad)
+    proc = fcn("train", "--data", bad, "--epochs", "1", "--out", tmp_path / "m", *TINY)
+    _one_line_error(proc, needle)
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+    if problem != "empty":
+        check = fcn("data", "check", bad)
+        assert check.returncode != 0 and needle in check.stdout + check.stderr
+
+
+def test_help_does_not_import_tensorflow():
+    code = "import sys; from fcn_cli import cli; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    proc = fcn("--help", check=0)
+    assert "train" in proc.stdout and "predict" in proc.stdout
