@@ -1,0 +1,437 @@
+"""Running a trained FCN on photos of any size: logits (or class indices) at each photo's own resolution.
+
+Shared by ``evaluate`` and ``predict``. Two ways for a photo to meet the model (``mode``):
+
+* ``"resize"``: the photo is resized to the model's training size (``tf.image.resize``, bilinear,
+  no antialiasing: exactly what the training pipeline did to validation images), run, and the
+  logits are resized back to the photo's size (bilinear, half-pixel centres: the rule of
+  ``tf.image.resize``). Photos of every size share one batch.
+* ``"native"``: the photo is padded at the bottom/right to a multiple of 32 (mirror padding,
+  ``model.pad_to_multiple``), run at its own scale, and the logits cropped back. Photos of equal
+  size share a batch. A photo over ``TILE_BUDGET`` pixels runs in overlapping tiles
+  (``TILE`` x ``TILE``, ``OVERLAP`` px shared, logits averaged where tiles overlap), one band of
+  tile rows at a time, so an 8000x6000 photo never needs the whole network's activations, nor
+  (for class indices) its whole logit volume, in memory at once.
+
+A checkpoint without a training size (a plain .keras from elsewhere) cannot be resized to it, so
+``"resize"`` falls back to ``"native"`` there (:func:`effective_mode`).
+
+Calls go through ``model(x, training=False)`` on whole batches, never ``model.predict`` per image.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcn_cli.classes import CAMVID, ClassTable, load_classes
+from fcn_cli.errors import FcnError
+
+MODES = ("resize", "native")
+MULTIPLE = 32  # the network's total stride: inputs must be multiples of it
+TILE = 512  # tile side in native mode (a multiple of 32)
+OVERLAP = 64  # pixels neighbouring tiles share (rounded up to a multiple of 32)
+TILE_BUDGET = 2_500_000  # pixels: larger photos are tiled in native mode; also caps one forward pass
+WINDOW_BATCHES = 4  # photos are grouped by size within windows of batch_size * this many
+BAND_FLOATS = 8_000_000  # floats per band when upsampling / argmax-ing big logit maps (32 MB)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_for_inference(model_path: str | Path, classes_file: str | Path | None = None):
+    """(model, classes, image_size or None, meta) from a checkpoint.
+
+    Classes: the ``--classes`` file when given (the model's output count must match it), else the
+    table embedded in the checkpoint, else CamVid's. ``image_size`` is the training (H, W) from
+    the metadata, or None when the checkpoint does not record one.
+    """
+    from fcn_cli.runs import load_checkpoint
+
+    path = Path(model_path)
+    if classes_file is not None:
+        classes = load_classes(classes_file)
+        model, meta = load_checkpoint(path, num_classes=classes.num_classes)
+        return model, classes, meta_image_size(meta), meta
+    model, meta = load_checkpoint(path)
+    embedded = meta.get("classes")
+    if isinstance(embedded, dict):
+        classes = ClassTable.from_dict(embedded, source=f"{path} (embedded class table)")
+        origin = "its embedded class table"
+    else:
+        classes = CAMVID
+        origin = "CamVid's class table (the checkpoint records none)"
+    outputs = model.output_shape[-1]
+    if outputs != classes.num_classes:
+        raise FcnError(
+            f"{path}: model predicts {outputs} classes but {origin} has {classes.num_classes}; "
+            "give the matching --classes file"
+        )
+    return model, classes, meta_image_size(meta), meta
+
+
+def meta_image_size(meta: dict) -> tuple[int, int] | None:
+    """The training size recorded in checkpoint metadata, or None when missing or malformed."""
+    size = meta.get("image_size") if isinstance(meta, dict) else None
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        return None
+    return (h, w) if h > 0 and w > 0 else None
+
+
+def effective_mode(mode: str, image_size: Sequence[int] | None) -> tuple[str, tuple[int, int] | None]:
+    """(mode actually used, training size): "resize" without a known training size runs "native"."""
+    if mode not in MODES:
+        raise FcnError(f"mode {mode!r}: choose 'resize' or 'native'")
+    size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+    if size is not None and (size[0] < 1 or size[1] < 1):
+        raise FcnError(f"image size {size}: height and width must be positive")
+    if mode == "resize" and size is None:
+        return "native", None
+    return mode, size
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def logits_for(
+    model,
+    image: np.ndarray,
+    mode: str = "resize",
+    image_size: Sequence[int] | None = None,
+    tile: int = TILE,
+    overlap: int = OVERLAP,
+    tile_budget: int | None = None,
+) -> np.ndarray:
+    """float32 (H, W, C) logits of one (H, W, 3) uint8 photo, at the photo's own resolution."""
+    ((_, out),) = iter_predictions(
+        model, [(None, image)], mode, image_size, batch_size=1, output="logits",
+        tile=tile, overlap=overlap, tile_budget=tile_budget,
+    )
+    return out
+
+
+def labels_for(model, image: np.ndarray, mode: str = "resize", image_size: Sequence[int] | None = None, **kwargs) -> np.ndarray:
+    """(H, W) class indices (argmax of :func:`logits_for`), computed band by band."""
+    ((_, out),) = iter_predictions(model, [(None, image)], mode, image_size, batch_size=1, output="labels", **kwargs)
+    return out
+
+
+def predict_batch(
+    model,
+    images: Sequence[np.ndarray],
+    mode: str = "resize",
+    image_size: Sequence[int] | None = None,
+    batch_size: int = 4,
+    output: str = "logits",
+    **kwargs,
+) -> list[np.ndarray]:
+    """Per photo, float32 (H, W, C) logits (``output="logits"``) or (H, W) uint8 class indices
+    (``output="labels"``), in input order; photos are batched ``batch_size`` at a time."""
+    return [out for _, out in iter_predictions(
+        model, ((i, im) for i, im in enumerate(images)), mode, image_size, batch_size, output=output, **kwargs
+    )]
+
+
+def iter_predictions(
+    model,
+    items: Iterable[tuple[Any, np.ndarray]],
+    mode: str = "resize",
+    image_size: Sequence[int] | None = None,
+    batch_size: int = 4,
+    output: str = "labels",
+    tile: int = TILE,
+    overlap: int = OVERLAP,
+    tile_budget: int | None = None,
+) -> Iterator[tuple[Any, np.ndarray]]:
+    """(key, result) for each (key, (H, W, 3) uint8 photo) of ``items``, in order, lazily.
+
+    ``output="labels"`` gives (H, W) uint8 class indices without ever holding a big photo's full
+    logit volume; ``"logits"`` gives float32 (H, W, C). Photos are taken in windows of
+    ``batch_size * WINDOW_BATCHES``, grouped (all together in resize mode, by size in native mode)
+    and run ``batch_size`` at a time, never more than ``tile_budget`` pixels per forward pass.
+    """
+    if output not in ("labels", "logits"):
+        raise ValueError(f"output must be 'labels' or 'logits', got {output!r}")
+    mode, size = effective_mode(mode, image_size)
+    runner = _Runner(
+        model, mode, size, max(1, int(batch_size)), output,
+        tile=tile, overlap=overlap, budget=TILE_BUDGET if tile_budget is None else max(1, int(tile_budget)),
+    )
+    window: list[tuple[Any, np.ndarray]] = []
+    limit = runner.batch_size * WINDOW_BATCHES
+    for key, image in items:
+        window.append((key, _checked(image)))
+        if len(window) >= limit:
+            yield from runner.run_window(window)
+            window = []
+    if window:
+        yield from runner.run_window(window)
+
+
+def prefetch(iterable: Iterable, depth: int = 8) -> Iterator:
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (decoding overlaps inference).
+
+    An exception in the producer is re-raised here, at the point it happened in the sequence.
+    """
+    done = object()
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", done))
+        except BaseException as exc:  # handed to the consumer
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="fcn-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        # Unblock a producer waiting on a full queue, then let it finish.
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+# --------------------------------------------------------------------------- resizing
+
+
+def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear source taps of ``tf.image.resize`` (half-pixel centres, no antialiasing)."""
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+    base = np.floor(src)
+    lo = np.clip(base, 0, in_size - 1).astype(np.intp)
+    hi = np.clip(base + 1, 0, in_size - 1).astype(np.intp)
+    frac = (src - base).astype(np.float32)
+    return lo, hi, frac
+
+
+class _Upsampler:
+    """Bilinear resize of (h, w, C) logits to (H, W, C), produced in row bands."""
+
+    def __init__(self, logits: np.ndarray, out_hw: tuple[int, int]):
+        h, w = logits.shape[:2]
+        self.height, self.width = out_hw
+        lo, hi, f = _taps(w, self.width)
+        f = f[None, :, None]
+        self.cols = logits[:, lo] * (1.0 - f) + logits[:, hi] * f  # (h, W, C): widths first, it is small
+        self.rows = _taps(h, self.height)
+
+    def band(self, y0: int, y1: int) -> np.ndarray:
+        lo, hi, f = (a[y0:y1] for a in self.rows)
+        f = f[:, None, None]
+        return self.cols[lo] * (1.0 - f) + self.cols[hi] * f
+
+
+def resize_logits(logits: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """(h, w, C) -> (H, W, C) float32, bilinear with half-pixel centres (same as ``tf.image.resize``)."""
+    up = _Upsampler(np.asarray(logits, np.float32), tuple(out_hw))
+    return up.band(0, up.height)
+
+
+def _band_rows(width: int, channels: int) -> int:
+    return max(1, BAND_FLOATS // max(1, width * channels))
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def _checked(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"empty image {image.shape}")
+    return image
+
+
+class _Sink:
+    """Collects one photo's result band by band: full logits, or argmax class indices."""
+
+    def __init__(self, hw: tuple[int, int], channels: int, output: str):
+        self.output = output
+        if output == "logits":
+            self.out = np.empty((*hw, channels), np.float32)
+        else:
+            self.out = np.empty(hw, np.uint8 if channels <= 256 else np.uint16)
+
+    def put(self, y0: int, band: np.ndarray) -> None:
+        if self.output == "logits":
+            self.out[y0 : y0 + band.shape[0]] = band
+        else:
+            self.out[y0 : y0 + band.shape[0]] = np.argmax(band, axis=-1)
+
+
+class _Runner:
+    def __init__(self, model, mode, size, batch_size, output, tile, overlap, budget):
+        self.model = model
+        self.mode = mode
+        self.size = size
+        self.batch_size = batch_size
+        self.output = output
+        self.budget = budget
+        self.tile = max(MULTIPLE, int(tile) // MULTIPLE * MULTIPLE)
+        overlap = -(-max(0, int(overlap)) // MULTIPLE) * MULTIPLE
+        self.overlap = min(overlap, self.tile - MULTIPLE)
+
+    # one forward pass ---------------------------------------------------------------------
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) -> (B, H, W, C) float32 logits, for any H, W (padded to 32 and cropped back)."""
+        from keras import ops
+
+        from fcn_cli.model import crop_to, pad_to_multiple
+
+        padded, hw = pad_to_multiple(batch, MULTIPLE)
+        out = self.model(np.asarray(padded, np.float32), training=False)
+        return crop_to(np.asarray(ops.convert_to_numpy(out), np.float32), hw)
+
+    def _per_pass(self, pixels: int) -> int:
+        return max(1, min(self.batch_size, self.budget // max(1, pixels)))
+
+    # a window of photos -------------------------------------------------------------------
+    def run_window(self, window: list[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray]]:
+        results: dict[int, np.ndarray] = {}
+        if self.mode == "resize":
+            self._resized(list(range(len(window))), window, results)
+        else:
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, (_, image) in enumerate(window):
+                h, w = image.shape[:2]
+                if h * w > self.budget:
+                    results[i] = self._tiled(image)
+                else:
+                    groups.setdefault((h, w), []).append(i)
+            for (h, w), members in groups.items():
+                padded_px = (-(-h // MULTIPLE) * MULTIPLE) * (-(-w // MULTIPLE) * MULTIPLE)
+                step = self._per_pass(padded_px)
+                for start in range(0, len(members), step):
+                    chunk = members[start : start + step]
+                    logits = self.forward(np.stack([window[i][1] for i in chunk]))
+                    for i, lg in zip(chunk, logits):
+                        sink = _Sink((h, w), lg.shape[-1], self.output)
+                        sink.put(0, lg)
+                        results[i] = sink.out
+        for i, (key, _) in enumerate(window):
+            yield key, results.pop(i)
+
+    def _resized(self, members: list[int], window, results: dict) -> None:
+        import tensorflow as tf
+
+        h, w = self.size
+        step = self._per_pass(h * w)
+        for start in range(0, len(members), step):
+            chunk = members[start : start + step]
+            batch = np.stack([
+                tf.image.resize(window[i][1], (h, w), method="bilinear", antialias=False).numpy()
+                for i in chunk
+            ])
+            logits = self.forward(batch)
+            for i, lg in zip(chunk, logits):
+                native = window[i][1].shape[:2]
+                sink = _Sink(native, lg.shape[-1], self.output)
+                up = _Upsampler(lg, native)
+                rows = _band_rows(native[1], lg.shape[-1])
+                for y0 in range(0, native[0], rows):
+                    sink.put(y0, up.band(y0, min(native[0], y0 + rows)))
+                results[i] = sink.out
+
+    # one big photo in tiles ---------------------------------------------------------------
+    def _tiled(self, image: np.ndarray) -> np.ndarray:
+        from fcn_cli.model import pad_to_multiple
+
+        h, w = image.shape[:2]
+        padded = pad_to_multiple(image[None], MULTIPLE)[0][0]
+        hp, wp = padded.shape[:2]
+        th, tw = min(self.tile, hp), min(self.tile, wp)
+        ys = _starts(hp, th, self.tile - self.overlap)
+        xs = _starts(wp, tw, self.tile - self.overlap)
+        # How many tiles cover each row / column: the averaging weights, known up front.
+        cover_y = _coverage(hp, ys, th)
+        cover_x = _coverage(wp, xs, tw)
+        step = self._per_pass(th * tw)
+        sink: _Sink | None = None
+        carry: np.ndarray | None = None  # accumulated rows [ys[r], previous band's end)
+        for r, y0 in enumerate(ys):
+            acc = None
+            for start in range(0, len(xs), step):
+                cols = xs[start : start + step]
+                out = self.forward(np.stack([padded[y0 : y0 + th, x0 : x0 + tw] for x0 in cols]))
+                if acc is None:
+                    acc = np.zeros((th, wp, out.shape[-1]), np.float32)
+                    if carry is not None:
+                        acc[: carry.shape[0]] += carry
+                    if sink is None:
+                        sink = _Sink((h, w), out.shape[-1], self.output)
+                for x0, lg in zip(cols, out):
+                    acc[:, x0 : x0 + tw] += lg
+            final = (ys[r + 1] if r + 1 < len(ys) else y0 + th) - y0
+            rows_out = min(final, h - y0)
+            if rows_out > 0:
+                band_rows = _band_rows(w, acc.shape[-1])
+                for b0 in range(0, rows_out, band_rows):
+                    b1 = min(rows_out, b0 + band_rows)
+                    weight = cover_y[y0 + b0 : y0 + b1, None, None] * cover_x[None, :w, None]
+                    sink.put(y0 + b0, acc[b0:b1, :w] / weight)
+            carry = acc[final:].copy() if final < th else None
+        return sink.out
+
+
+def _starts(total: int, size: int, stride: int) -> list[int]:
+    """Tile origins covering [0, total): every ``stride``, the last one flush with the end."""
+    stride = max(1, stride)
+    last = total - size
+    starts = list(range(0, last, stride))
+    starts.append(last)
+    return starts
+
+
+def _coverage(total: int, starts: list[int], size: int) -> np.ndarray:
+    cover = np.zeros(total, np.float32)
+    for s in starts:
+        cover[s : s + size] += 1.0
+    return cover
+
+
+__all__ = [
+    "MODES",
+    "TILE",
+    "OVERLAP",
+    "TILE_BUDGET",
+    "load_for_inference",
+    "meta_image_size",
+    "effective_mode",
+    "logits_for",
+    "labels_for",
+    "predict_batch",
+    "iter_predictions",
+    "prefetch",
+    "resize_logits",
+]
