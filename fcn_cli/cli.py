@@ -262,11 +262,21 @@ def data_check(
     classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
 ):
     """Decode every pair, report every problem file by file, and summarise the classes."""
+    from fcn_cli import shards
     from fcn_cli.classes import load_classes
     from fcn_cli.datasets import check_dataset, find_dataset, render_report
 
     table = load_classes(classes)
     console = _console()
+    if shards.is_shard_folder(directory):
+        _quiet_tensorflow()
+        problems = shards.check_records(shards.ShardSet.open(directory))
+        for line in problems:
+            console.print(line, highlight=False, markup=False)
+        if problems:
+            raise typer.Exit(1)
+        console.print(f"{directory}: every record of every shard reads")
+        return
     report = check_dataset(find_dataset(directory), table)
     render_report(report, table, console)
     if not report.ok:
@@ -292,6 +302,22 @@ def data_download(
     _console().print(download.summary_line(result))
     if result.failed:
         raise typer.Exit(1)
+
+
+@data_app.command("pack")
+def data_pack(
+    directory: Annotated[Path, typer.Argument(help=DATA_HELP)],
+    out: Annotated[Path, typer.Option(help="Folder for the TFRecord shards and index.json.")],
+    shards_count: Annotated[int, typer.Option("--shards", min=1, help="Shards per split (at least one per worker).")] = 8,
+    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
+):
+    """Validate every pair, then pack each split into TFRecord shards for training at scale."""
+    _quiet_tensorflow()
+    from fcn_cli import shards
+    from fcn_cli.classes import load_classes
+
+    counts = shards.pack(directory, out, load_classes(classes), shards=shards_count)
+    _console().print(f"packed {', '.join(f'{n} {s}' for s, n in counts.items())} pairs into {out}")
 
 
 # --- demo -------------------------------------------------------------------------------------

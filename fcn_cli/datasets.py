@@ -430,7 +430,9 @@ def _header_problems(pair: Pair, split: str) -> list[Problem]:
             sizes.append(image_size(path))
         except FcnError as exc:
             problems.append(Problem(path, _without_path(str(exc), path), split))
-    if len(sizes) == 2 and sizes[0] != sizes[1]:
+    # A photo with an EXIF rotation is stored sideways: its header size may be the mask's, swapped.
+    # Decoding (pipeline.load_arrays) checks the upright size.
+    if len(sizes) == 2 and sizes[1] not in (sizes[0], sizes[0][::-1]):
         problems.append(_size_mismatch(pair, sizes[0], sizes[1], split))
     return problems
 

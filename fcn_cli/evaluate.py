@@ -75,7 +75,16 @@ def evaluate(
     console = console or Console()
     model_path = Path(model_path)
     files = output_paths(model_path, split, json_path)
-    pairs = find_dataset(data_dir).pairs(split)
+    from fcn_cli import shards
+
+    if shards.is_shard_folder(Path(data_dir)):
+        shard_set = shards.ShardSet.open(Path(data_dir))
+        total = shard_set.count(split)
+        source = ((n.decode(), img, lab) for img, lab, n, _, _ in shards.records(shard_set.files(split)).as_numpy_iterator())
+    else:
+        pairs = find_dataset(data_dir).pairs(split)
+        total = len(pairs)
+        source = None
     model, classes, image_size, meta = load_for_inference(model_path, classes_file)
     used, size = effective_mode(mode, image_size)
     if used != mode:
@@ -85,14 +94,16 @@ def evaluate(
 
     cm = metrics.ConfusionMatrix(classes.num_classes, classes.ignore_index)
     started = time.perf_counter()
-    items = (((name, label), image) for name, image, label in evaluation_items(pairs, classes))
+    if source is None:
+        source = evaluation_items(pairs, classes)
+    items = (((name, label), image) for name, image, label in source)
     progress = Progress(
         TextColumn(f"evaluate {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=console, transient=True, disable=not console.is_terminal,
     )
     count = 0
     with progress:
-        task = progress.add_task("evaluate", total=len(pairs))
+        task = progress.add_task("evaluate", total=total)
         for (_name, label), predicted in iter_predictions(
             model, prefetch(items, depth=2 * max(1, batch_size)), used, size, batch_size, output="labels",
             **inference_options,

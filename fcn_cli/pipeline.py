@@ -435,6 +435,62 @@ def validation_dataset(
     )
 
 
+def records_training_dataset(
+    files: Sequence[str],
+    classes: ClassTable,
+    *,
+    image_size: Sequence[int] = (224, 224),
+    batch_size: int = 8,
+    augment: Augment = Augment(),
+    seed: int = 0,
+    ignore_void: bool = True,
+    class_weights: Sequence[float] | None = None,
+    shuffle_buffer: int = 512,
+) -> tf.data.Dataset:
+    """training_dataset's batches, streamed from TFRecord shards (fcn data pack).
+
+    The root is the list of shard files, so tf.distribute can give each worker its own shards;
+    shuffling is a seeded buffer over records interleaved from several shards in parallel.
+    """
+    from fcn_cli.shards import records
+
+    size = _check_image_size(image_size)
+    weight_table = _weight_table(classes, class_weights)
+
+    def element(record, salt):
+        image, label, _, _, number = record
+        image, label, valid = _augmented(image, label, size, augment, tf.stack([salt, number]))
+        return image, label, _sample_weight(label, valid, classes, ignore_void, weight_table)
+
+    source = records(list(files)).shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    salts = tf.data.Dataset.random(seed=seed + 104_729, rerandomize_each_iteration=True)
+    return (
+        tf.data.Dataset.zip(source, salts)
+        .map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def records_validation_dataset(
+    files: Sequence[str], classes: ClassTable, *, image_size: Sequence[int], batch_size: int = 8, ignore_void: bool = True
+) -> tf.data.Dataset:
+    """validation_dataset's batches from TFRecord shards, in shard order."""
+    from fcn_cli.shards import records
+
+    size = _check_image_size(image_size)
+
+    def element(image, label, *_):
+        image, label = _resize(image, label, size)
+        return image, label, _sample_weight(label, tf.ones(size, tf.float32), classes, ignore_void, None)
+
+    return (
+        records(list(files)).map(element, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
 def pipeline_throughput(
     pairs: Sequence[Pair],
     classes: ClassTable,

@@ -61,10 +61,14 @@ def read_json(path: Path) -> dict:
 def save_checkpoint(model, path: Path, meta: dict) -> None:
     """Save ``model`` (with optimizer state) to ``path`` atomically, with ``meta`` embedded."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
-    os.fchmod(fd, _umask_mode())
-    os.close(fd)
+    tmp = None
     try:
+        # Creating the temporary file is part of the write: a read-only or full folder fails here.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
+        try:
+            os.fchmod(fd, _umask_mode())
+        finally:
+            os.close(fd)
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as zf:
             zf.writestr(META_ENTRY, json.dumps(meta, indent=2, sort_keys=True))
@@ -72,13 +76,15 @@ def save_checkpoint(model, path: Path, meta: dict) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise FcnError(
             f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous checkpoint is intact; "
             "free disk space or choose a writable --out"
         ) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -229,6 +235,8 @@ class RunFolder:
             return None
         stable = Path(stable)
         if stable.exists() and not stable.is_symlink():
+            return None
+        if not self.best.is_file():  # never a link to a checkpoint that is not there (yet)
             return None
         target = os.path.relpath(self.best, stable.parent)
         tmp = stable.parent / f".{stable.name}.{os.getpid()}.tmp"

@@ -225,16 +225,16 @@ def train(cfg: TrainConfig, console=None, resume: str | None = None) -> TrainRes
         epochs = cfg.epochs if cfg.extra.get("epochs_given") else saved.get("epochs")
         cfg = TrainConfig.from_json({**saved, "epochs": epochs})
 
-    # Data first: every problem with the user's files shows before any model is built.
-    data = prepare_data(cfg, console)
-
     import keras
 
+    # The strategy comes first: multi-worker collectives must be set up before any other TF op.
+    strategy, strategy_desc = make_strategy(cfg.strategy)
+    chief = is_chief(strategy)
+    # Then the data: every problem with the user's files shows before any model is built.
+    data = prepare_data(cfg, console, strategy)
     precision = choose_precision(cfg.precision)
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(cfg.seed)
-    strategy, strategy_desc = make_strategy(cfg.strategy)
-    chief = is_chief(strategy)
     console.print(f"[bold]strategy[/] {strategy_desc}  [bold]precision[/] {precision}")
 
     run = RunFolder.open(resume, chief) if resume else RunFolder.create(Path(cfg.out), cfg.variant, chief)
@@ -254,8 +254,8 @@ class _Data:
     n_val: int
 
 
-def prepare_data(cfg: TrainConfig, console) -> _Data:
-    from fcn_cli import pipeline
+def prepare_data(cfg: TrainConfig, console, strategy=None) -> _Data:
+    from fcn_cli import pipeline, shards
     from fcn_cli.classes import load_classes
     from fcn_cli.datasets import find_dataset, quick_check
 
@@ -269,31 +269,75 @@ def prepare_data(cfg: TrainConfig, console) -> _Data:
     h, w = cfg.image_size
     if h % 32 or w % 32 or h < 32 or w < 32:
         raise FcnError(f"--image-size {h}x{w}: height and width must be multiples of 32 (e.g. 224x224, 352x480)")
-    dataset = find_dataset(data_dir)
-    train_pairs = dataset.pairs("train")
-    val_split = "val" if dataset.splits.get("val") else "test"
-    val_pairs = dataset.pairs(val_split)
-    problems = quick_check(dataset, classes, ["train", val_split])
-    if problems:
-        listing = "; ".join(str(p) for p in problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise FcnError(f"{data_dir}: {len(problems)} problem(s) in the data set: {listing} (run `fcn data check {data_dir}`)")
-    with console.status(f"decoding {len(train_pairs)} train + {len(val_pairs)} {val_split} pairs"):
-        train_arrays = pipeline.load_arrays(train_pairs, classes)
-        val_arrays = pipeline.load_arrays(val_pairs, classes)
-    weights = class_weight_vector(train_arrays[1], classes, cfg.class_weights)
     augment = pipeline.Augment(flip=cfg.flip, scale=tuple(cfg.scale), jitter=cfg.jitter)
-    train_ds = pipeline.training_dataset(
-        train_pairs, classes, image_size=cfg.image_size, batch_size=cfg.batch_size, augment=augment,
-        seed=cfg.seed, ignore_void=cfg.ignore_void, class_weights=weights, arrays=train_arrays,
-    )
-    val_ds = pipeline.validation_dataset(
-        val_pairs, classes, image_size=cfg.image_size, batch_size=cfg.batch_size, arrays=val_arrays,
-    )
-    steps = len(train_pairs) // cfg.batch_size if len(train_pairs) >= cfg.batch_size else 1
+    if shards.is_shard_folder(data_dir):
+        train_ds, val_ds, n_train, n_val, weights = _shard_datasets(cfg, classes, data_dir, augment)
+        policy = "FILE"  # each worker reads its own shards
+    else:
+        dataset = find_dataset(data_dir)
+        train_pairs = dataset.pairs("train")
+        val_split = "val" if dataset.splits.get("val") else "test"
+        val_pairs = dataset.pairs(val_split)
+        problems = quick_check(dataset, classes, ["train", val_split])
+        if problems:
+            listing = "; ".join(str(p) for p in problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise FcnError(f"{data_dir}: {len(problems)} problem(s) in the data set: {listing} (run `fcn data check {data_dir}`)")
+        with console.status(f"decoding {len(train_pairs)} train + {len(val_pairs)} {val_split} pairs"):
+            train_arrays = pipeline.load_arrays(train_pairs, classes)
+            val_arrays = pipeline.load_arrays(val_pairs, classes)
+        weights = class_weight_vector(train_arrays[1], classes, cfg.class_weights)
+        train_ds = pipeline.training_dataset(
+            train_pairs, classes, image_size=cfg.image_size, batch_size=cfg.batch_size, augment=augment,
+            seed=cfg.seed, ignore_void=cfg.ignore_void, class_weights=weights, arrays=train_arrays,
+        )
+        val_ds = pipeline.validation_dataset(
+            val_pairs, classes, image_size=cfg.image_size, batch_size=cfg.batch_size, arrays=val_arrays,
+        )
+        n_train, n_val = len(train_pairs), len(val_pairs)
+        policy = "DATA"  # in-memory arrays: every worker takes its share of each global batch
+    steps = n_train // cfg.batch_size if n_train >= cfg.batch_size else 1
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
-        train_ds = train_ds.take(steps)
-    return _Data(classes, train_ds, val_ds, steps, len(train_pairs), len(val_pairs))
+    # Endless, with steps_per_epoch marking epochs: Keras keeps one iterator when the size is unknown.
+    train_ds = train_ds.repeat()
+    train_ds, val_ds = (_with_shard_policy(ds, policy) for ds in (train_ds, val_ds))
+    return _Data(classes, train_ds, val_ds, steps, n_train, n_val)
+
+
+def _shard_datasets(cfg, classes, data_dir: Path, augment):
+    import tensorflow as tf
+
+    from fcn_cli import pipeline, shards
+    from fcn_cli.datasets import median_frequency_weights
+
+    shard_set = shards.ShardSet.open(data_dir)
+    if shard_set.classes().num_classes != classes.num_classes:
+        raise FcnError(f"{data_dir}: shards were packed with {shard_set.classes().num_classes} classes, the class "
+                       f"table has {classes.num_classes}; give the --classes file used for packing")
+    val_split = "val" if "val" in shard_set.splits() else "test"
+    weights = None
+    if cfg.class_weights == "median":
+        weights = median_frequency_weights(*shard_set.class_stats("train"), classes.ignore_index)
+    elif cfg.class_weights != "none":
+        raise FcnError(f"unknown --class-weights {cfg.class_weights!r}; choose none or median")
+    train_ds = pipeline.records_training_dataset(
+        shard_set.files("train"), classes, image_size=cfg.image_size, batch_size=cfg.batch_size, augment=augment,
+        seed=cfg.seed, ignore_void=cfg.ignore_void, class_weights=weights,
+    )
+    val_ds = pipeline.records_validation_dataset(shard_set.files(val_split), classes, image_size=cfg.image_size,
+                                                 batch_size=cfg.batch_size)
+    # The index knows the count; telling tf.data lets Keras end each validation pass cleanly.
+    batches = -(-shard_set.count(val_split) // cfg.batch_size)
+    val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(batches))
+    return train_ds, val_ds, shard_set.count("train"), shard_set.count(val_split), weights
+
+
+def _with_shard_policy(dataset, policy: str):
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = getattr(tf.data.experimental.AutoShardPolicy, policy)
+    return dataset.with_options(options)
 
 
 def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir: Path | None) -> TrainResult:
@@ -307,7 +351,8 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
     # Every worker reads the run's own files; only the chief writes them.
     source = RunFolder(resume_dir) if resuming else run
     state = source.read_state() if resuming else {"epochs_done": 0, "best_miou": None, "best_epoch": None}
-    rows = source.read_log() if resuming else []
+    # The log and the state are renamed one after the other: the state is the commit record.
+    rows = [r for r in source.read_log() if r["epoch"] <= state["epochs_done"]] if resuming else []
     with strategy.scope():
         if resuming:
             if not source.last.exists():
@@ -330,12 +375,30 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
     progress = RichProgress(console, data.steps_per_epoch, cfg.batch_size, cfg.epochs)
     started = time.perf_counter()
     interrupted = False
+    if _is_multi_worker(strategy):
+        _multi_worker_shim(model)
     if state["epochs_done"] < cfg.epochs:
         try:
-            model.fit(
-                data.train, validation_data=data.val, epochs=cfg.epochs, initial_epoch=state["epochs_done"],
-                steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder], verbose=0, shuffle=False,
-            )
+            with strategy.scope():
+                model.fit(
+                    data.train, validation_data=data.val, epochs=cfg.epochs, initial_epoch=state["epochs_done"],
+                    steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder], verbose=0, shuffle=False,
+                )
+        except _peer_errors() as exc:
+            progress.stop()
+            raise FcnError(
+                f"a worker stopped answering ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); the last "
+                f"finished epoch is in {run.path if run.is_chief else 'the chief run folder'}; restart every worker "
+                f"with `fcn train --resume RUN_FOLDER`"
+            ) from None
+        except _data_errors() as exc:
+            progress.stop()
+            from fcn_cli.pipeline import streaming_error
+
+            raise (streaming_error(exc) or FcnError(
+                f"{cfg.data}: reading the data failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}); "
+                f"run `fcn data check {cfg.data}`"
+            )) from None
         except KeyboardInterrupt:
             interrupted = True
             progress.stop()
@@ -355,6 +418,50 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
         run.path, recorder.state["epochs_done"], recorder.state["best_miou"], recorder.state["best_epoch"],
         recorder.stable, recorder.rows, interrupted, seconds, (sum(rates) / len(rates)) if rates else None,
     )
+
+
+def _is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def _multi_worker_shim(model) -> None:
+    """Work around Keras 3's fit() under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+
+    Keras reduces a per-replica data batch eagerly before the first step (which the collective
+    strategy cannot do) and means scalar logs over axis 0. Both are avoided here: the model runs
+    fit() inside the strategy's scope without a pinned strategy (so the build is deferred into the
+    distributed step), and scalar logs are averaged across replicas with axis=None.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = getattr(tf_trainer, "_fcn_original_reduce_per_replica", tf_trainer.reduce_per_replica)
+
+    def reduce_per_replica(values, strategy, reduction):
+        if tf_trainer._collective_all_reduce_multi_worker(strategy) and reduction in ("auto", "mean"):
+            import keras
+
+            return keras.tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    tf_trainer._fcn_original_reduce_per_replica = original
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    model._distribute_strategy = None
+
+
+def _peer_errors():
+    """TensorFlow's errors for a lost peer in a collective (multi-worker) step."""
+    import tensorflow as tf
+
+    return (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError)
+
+
+def _data_errors():
+    """What tf.data raises for a file that stopped decoding or a corrupt shard record."""
+    import tensorflow as tf
+
+    return (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.UnknownError)
 
 
 def _keras_callback_base():
@@ -393,6 +500,14 @@ class EpochRecorder(_keras_callback_base()):
         if self.diverged:
             return  # never let a NaN model replace the last good checkpoint
         logs = logs or {}
+        # The last batch's update can blow the weights up after every batch loss was finite:
+        # a non-finite epoch or validation loss is divergence too, and this model is not saved.
+        for key in ("loss", "val_loss"):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(float(value)):
+                self.diverged = (epoch + 1, float(value))
+                self.model.stop_training = True
+                return
         seconds = time.perf_counter() - self._t0
         miou = float(logs.get("val_miou", float("nan")))
         row = {
