@@ -462,11 +462,50 @@ def part_pipeline(args, sizes) -> dict:
         pairs = pairs[: sizes["pipeline_pairs"]]
     size = sizes["pipeline_image"]
     rates = pipeline_throughput(pairs, CAMVID, image_size=(size, size), batch_size=sizes["batch"], passes=2)
+    packed = packed_vs_folder(pairs, size, sizes["batch"])
     return {"threads": threads, "data": str(args.data), "pairs": len(pairs), "image_size": [size, size],
             "batch_size": sizes["batch"], "augment": "pipeline_throughput default (flip, scale 0.75-1.25, jitter 0.2)",
             "first_pass_images_per_s": round(rates[0], 2), "cached_images_per_s": round(rates[1], 2),
             "passes": len(rates), "note": "first pass includes decoding every pair into the in-memory cache",
-            "peak_rss_mib": peak_rss_mib()}
+            "packed_vs_folder": packed, "peak_rss_mib": peak_rss_mib()}
+
+
+def packed_vs_folder(pairs, size, batch) -> dict:
+    """Images/s of the same pairs streamed from TFRecord shards and from the folder (no cache), same augmentation."""
+    import shutil
+    import tempfile
+
+    from fcn_cli import pipeline, shards
+    from fcn_cli.classes import CAMVID
+
+    augment = pipeline.Augment(flip=True, scale=(0.75, 1.25), jitter=0.2)
+    tmp = Path(tempfile.mkdtemp(prefix="fcn-bench-shards-"))
+    try:
+        src = tmp / "src"
+        for sub in ("train", "trainannot"):
+            (src / sub).mkdir(parents=True)
+        for p in pairs:  # links, so the packer reads exactly these pairs
+            os.symlink(p.image.resolve(), src / "train" / p.image.name)
+            os.symlink(p.mask.resolve(), src / "trainannot" / p.mask.name)
+        t = time.perf_counter()
+        shards.pack(src, tmp / "shards", CAMVID, shards=8)
+        pack_s = time.perf_counter() - t
+        files = shards.ShardSet.open(tmp / "shards").files("train")
+
+        def rate(dataset):
+            t0, n = time.perf_counter(), 0
+            for images, _, _ in dataset:
+                n += int(images.shape[0])
+            return n / (time.perf_counter() - t0)
+
+        packed = pipeline.records_training_dataset(files, CAMVID, image_size=(size, size), batch_size=batch, augment=augment)
+        folder = pipeline.training_dataset(pairs, CAMVID, image_size=(size, size), batch_size=batch, augment=augment,
+                                           cache_budget=0)
+        return {"pack_seconds": round(pack_s, 2), "shards": len(files),
+                "shards_images_per_s": round(rate(packed), 2), "folder_streaming_images_per_s": round(rate(folder), 2),
+                "note": "one pass each, no in-memory cache on either side (what a data set too big for RAM gets)"}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def part_load(args, sizes) -> dict:
