@@ -46,6 +46,7 @@ class Schedule(str, Enum):
 class ClassWeights(str, Enum):
     none = "none"
     median = "median"
+    median_sqrt = "median-sqrt"
 
 
 class Precision(str, Enum):
@@ -137,7 +138,7 @@ def train(
     width: Annotated[float, typer.Option(min=0.01, help="Scale every VGG channel count (1.0 = VGG-16; <1 for small models, needs --backbone-weights none).")] = 1.0,
     head_width: Annotated[int, typer.Option(min=1, help="Filters of conv6/conv7 (4096 in the paper).")] = 4096,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's matching layers (staged training fcn32 -> fcn16 -> fcn8).")] = None,
-    class_weights: Annotated[ClassWeights, typer.Option(help="Loss weights per class: none or median (median-frequency balancing).")] = ClassWeights.none,
+    class_weights: Annotated[ClassWeights, typer.Option(help="Loss weights per class: none, median (median-frequency balancing) or median-sqrt (its square root, milder).")] = ClassWeights.none,
     ignore_void: Annotated[bool, typer.Option(help="Ignore the void class in the loss (weight 0).")] = True,
     flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,
     scale: Annotated[str, typer.Option(help="Random scale range MIN,MAX relative to --image-size, then crop/pad back (1,1 = off).")] = "1,1",
