@@ -273,7 +273,7 @@ def data_check(
         _quiet_tensorflow()
         problems = shards.check_records(shards.ShardSet.open(directory))
         for line in problems:
-            console.print(line, highlight=False, markup=False)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
         if problems:
             raise typer.Exit(1)
         console.print(f"{directory}: every record of every shard reads")

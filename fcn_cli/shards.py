@@ -213,6 +213,16 @@ def check_records(shard_set: ShardSet) -> list[str]:
                 for _ in records([path]).as_numpy_iterator():
                     k += 1
             except tf.errors.OpError as exc:
-                first = (exc.message or "").splitlines()[0][:160]
+                first = _tf_reason(exc)
                 problems.append(f"{path}: record {k} is corrupt ({first}); pack again with `fcn data pack`")
     return problems
+
+
+def _tf_reason(exc) -> str:
+    """The human part of a TensorFlow error ("corrupted record at 27934"), without op/device noise."""
+    import re
+
+    text = " ".join((getattr(exc, "message", None) or str(exc)).split())
+    text = re.sub(r"\{\{function_node [^}]*\}\}", "", text)
+    text = re.sub(r"\[Op:[^\]]*\]", "", text)
+    return text.strip()[:160]
