@@ -200,6 +200,7 @@ def evaluate(
     mode: Annotated[Mode, typer.Option(help=MODE_HELP)] = Mode.resize,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
     models_dir: Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")] = Path("models"),
+    flip_tta: Annotated[bool, typer.Option("--flip-tta", help="Average each image's logits with its mirror image's (2x compute).")] = False,
 ):
     """Score a checkpoint on a split at each annotation's own resolution (void ignored)."""
     _quiet_tensorflow()
@@ -210,7 +211,7 @@ def evaluate(
         raise FcnError(f"{data}: data folder not found; pass --data DIR (see `fcn data --help`)")
     path = resolve_model_path(model, models_dir)
     run_evaluation(path, data, split=split, classes_file=classes, json_path=json_out, mode=mode.value,
-                   batch_size=batch_size, console=_console())
+                   batch_size=batch_size, console=_console(), flip=flip_tta)
 
 
 @app.command()
@@ -226,6 +227,7 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Replace existing files that fcn did not write.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
     models_dir: Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")] = Path("models"),
+    flip_tta: Annotated[bool, typer.Option("--flip-tta", help="Average each image's logits with its mirror image's (2x compute).")] = False,
 ):
     """Write colourized 12-class masks for images of any size."""
     _quiet_tensorflow()
@@ -235,7 +237,7 @@ def predict(
     path = resolve_model_path(model, models_dir)
     result = run_prediction(inputs, str(output) if output else None, path, classes_file=classes, mode=mode.value,
                             overlay=overlay, legend=legend, raw=raw, overwrite=overwrite, batch_size=batch_size,
-                            console=_console())
+                            console=_console(), flip=flip_tta)
     if result.failed:
         raise typer.Exit(1)
 

@@ -126,6 +126,7 @@ def evaluate(
         "split": split,
         "images": count,
         "mode": used,
+        "flip_tta": bool(inference_options.get("flip", False)),
         "image_size": list(size) if size else None,
         "variant": meta.get("variant"),
         "pixel_accuracy": summary["pixel_accuracy"],

@@ -149,6 +149,7 @@ def iter_predictions(
     tile: int = TILE,
     overlap: int = OVERLAP,
     tile_budget: int | None = None,
+    flip: bool = False,
 ) -> Iterator[tuple[Any, np.ndarray]]:
     """(key, result) for each (key, (H, W, 3) uint8 photo) of ``items``, in order, lazily.
 
@@ -156,6 +157,8 @@ def iter_predictions(
     logit volume; ``"logits"`` gives float32 (H, W, C). Photos are taken in windows of
     ``batch_size * WINDOW_BATCHES``, grouped (all together in resize mode, by size in native mode)
     and run ``batch_size`` at a time, never more than ``tile_budget`` pixels per forward pass.
+    ``flip=True`` averages the logits of each photo and of its mirror image (test-time augmentation:
+    twice the compute).
     """
     if output not in ("labels", "logits"):
         raise ValueError(f"output must be 'labels' or 'logits', got {output!r}")
@@ -163,6 +166,7 @@ def iter_predictions(
     runner = _Runner(
         model, mode, size, max(1, int(batch_size)), output,
         tile=tile, overlap=overlap, budget=TILE_BUDGET if tile_budget is None else max(1, int(tile_budget)),
+        flip=flip,
     )
     window: list[tuple[Any, np.ndarray]] = []
     limit = runner.batch_size * WINDOW_BATCHES
@@ -291,8 +295,9 @@ class _Sink:
 
 
 class _Runner:
-    def __init__(self, model, mode, size, batch_size, output, tile, overlap, budget):
+    def __init__(self, model, mode, size, batch_size, output, tile, overlap, budget, flip=False):
         self.model = model
+        self.flip = flip
         self.mode = mode
         self.size = size
         self.batch_size = batch_size
@@ -309,9 +314,16 @@ class _Runner:
 
         from fcn_cli.model import crop_to, pad_to_multiple
 
-        padded, hw = pad_to_multiple(batch, MULTIPLE)
-        out = self.model(np.asarray(padded, np.float32), training=False)
-        return crop_to(np.asarray(ops.convert_to_numpy(out), np.float32), hw)
+        def run(images):
+            padded, hw = pad_to_multiple(images, MULTIPLE)
+            out = self.model(np.asarray(padded, np.float32), training=False)
+            return crop_to(np.asarray(ops.convert_to_numpy(out), np.float32), hw)
+
+        logits = run(batch)
+        if self.flip:
+            # Mirror in, mirror back: road scenes are left-right symmetric, so the two views agree in kind.
+            logits = 0.5 * (logits + run(batch[:, :, ::-1])[:, :, ::-1])
+        return logits
 
     def _per_pass(self, pixels: int) -> int:
         return max(1, min(self.batch_size, self.budget // max(1, pixels)))

@@ -334,3 +334,20 @@ def test_bad_mode_is_a_clear_error(model):
 
     with pytest.raises(FcnError, match="native"):
         logits_for(model, _photo(), "stretch", (64, 64))
+
+
+def test_flip_tta_averages_the_mirror_view():
+    from fcn_cli.inference import iter_predictions
+    from fcn_cli.model import build_fcn
+
+    model = build_fcn("fcn8", 12, None, width=1 / 16, head_width=16)
+    rng = np.random.default_rng(11)
+    for layer in model.layers:  # a model that is not left-right symmetric
+        if layer.trainable_weights:
+            layer.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in layer.get_weights()])
+    photo = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    plain = dict(iter_predictions(model, [(0, photo)], "native", None, output="logits"))[0]
+    mirror = dict(iter_predictions(model, [(0, photo[:, ::-1].copy())], "native", None, output="logits"))[0]
+    tta = dict(iter_predictions(model, [(0, photo)], "native", None, output="logits", flip=True))[0]
+    assert not np.allclose(plain, mirror[:, ::-1])
+    np.testing.assert_allclose(tta, 0.5 * (plain + mirror[:, ::-1]), atol=1e-4)
