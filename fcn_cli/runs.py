@@ -60,6 +60,11 @@ def read_json(path: Path) -> dict:
 
 def save_checkpoint(model, path: Path, meta: dict) -> None:
     """Save ``model`` (with optimizer state) to ``path`` atomically, with ``meta`` embedded."""
+    commit_checkpoint(prepare_checkpoint(model, path, meta), path)
+
+
+def prepare_checkpoint(model, path: Path, meta: dict) -> Path:
+    """Write the complete checkpoint to a temporary file beside ``path``; nothing else changes yet."""
     path = Path(path)
     tmp = None
     try:
@@ -74,18 +79,31 @@ def save_checkpoint(model, path: Path, meta: dict) -> None:
             zf.writestr(META_ENTRY, json.dumps(meta, indent=2, sort_keys=True))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        return Path(tmp)
     except OSError as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise FcnError(
-            f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous checkpoint is intact; "
-            "free disk space or choose a writable --out"
-        ) from None
+        raise _write_error(path, exc) from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def commit_checkpoint(tmp: Path, path: Path) -> None:
+    """Rename a prepared checkpoint into place (atomic on one file system)."""
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(Path(path), exc) from None
+
+
+def _write_error(path: Path, exc: OSError) -> FcnError:
+    return FcnError(
+        f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous checkpoint is intact; "
+        "free disk space or choose a writable --out"
+    )
 
 
 def read_checkpoint_meta(path: Path) -> dict:
@@ -176,6 +194,9 @@ class RunFolder:
         if not is_chief:
             tmp = tempfile.mkdtemp(prefix="fcn-worker-")
             return cls(Path(tmp), False, tmp)
+        for stale in path.glob(".*"):  # temporary files of a write that a kill interrupted
+            if stale.is_file() and stale.suffix in (".keras", ".tmp"):
+                stale.unlink(missing_ok=True)
         return cls(path, True)
 
     def close(self) -> None:
@@ -225,6 +246,21 @@ class RunFolder:
         path = self.path / f"{which}.keras"
         save_checkpoint(model, path, meta)
         return path
+
+    def end_epoch(self, model, meta: dict, rows: list[dict], state: dict) -> None:
+        """last.keras, log.csv and state.json for a finished epoch, consistent at any instant of a kill.
+
+        The checkpoint is written completely first (a full disk changes nothing), then the log and
+        state, then the checkpoint is renamed into place. --resume trusts the epoch embedded in
+        last.keras and drops log rows past it.
+        """
+        pending = prepare_checkpoint(model, self.last, meta)
+        try:
+            self.write_epoch(rows, state)
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            raise
+        commit_checkpoint(pending, self.last)
 
     def link_stable(self, stable: Path) -> Path | None:
         """Point ``stable`` (e.g. models/fcn8.keras) at this run's best checkpoint, atomically.

@@ -355,15 +355,20 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
     import keras
 
     from fcn_cli.model import build_fcn, transfer_weights
-    from fcn_cli.runs import RunFolder, load_checkpoint
+    from fcn_cli.runs import RunFolder, load_checkpoint, read_checkpoint_meta
 
     classes = data.classes
     resuming = resume_dir is not None
     # Every worker reads the run's own files; only the chief writes them.
     source = RunFolder(resume_dir) if resuming else run
     state = source.read_state() if resuming else {"epochs_done": 0, "best_miou": None, "best_epoch": None}
-    # The log and the state are renamed one after the other: the state is the commit record.
-    rows = [r for r in source.read_log() if r["epoch"] <= state["epochs_done"]] if resuming else []
+    rows = []
+    if resuming:
+        # last.keras is the commit record: the epoch embedded in it is the last one whose weights we have.
+        if not source.last.exists():
+            raise FcnError(f"{source.last}: no checkpoint to resume from; start a new run")
+        state["epochs_done"] = int(read_checkpoint_meta(source.last).get("epoch", state["epochs_done"]))
+        rows = [r for r in source.read_log() if r["epoch"] <= state["epochs_done"]]
     with strategy.scope():
         if resuming:
             if not source.last.exists():
@@ -533,15 +538,16 @@ class EpochRecorder(_keras_callback_base()):
             "images_per_s": round(self._images / self._train_seconds, 3) if self._train_seconds > 0 else None,
         }
         meta = checkpoint_meta(self.cfg, self.classes, self.precision, epoch + 1, miou)
-        self.run.save_checkpoint(self.model, "last", meta)
         best = self.state["best_miou"]
-        if math.isfinite(miou) and (best is None or miou > best):
-            self.run.save_checkpoint(self.model, "best", meta)
+        improved = math.isfinite(miou) and (best is None or miou > best)
+        if improved:
             self.state.update(best_miou=miou, best_epoch=epoch + 1)
-            self.stable = self.run.link_stable(Path(self.cfg.out) / f"{self.cfg.variant}.keras")
         self.state["epochs_done"] = epoch + 1
         self.rows.append(row)
-        self.run.write_epoch(self.rows, self.state)
+        self.run.end_epoch(self.model, meta, self.rows, self.state)
+        if improved:
+            self.run.save_checkpoint(self.model, "best", meta)
+            self.stable = self.run.link_stable(Path(self.cfg.out) / f"{self.cfg.variant}.keras")
         self.run.plot_curves(self.rows)
         if self.cfg.time_limit and self._would_overrun(seconds):
             self.console.print(f"time limit of {self.cfg.time_limit:g} min reached after epoch {epoch + 1}")

@@ -134,14 +134,18 @@ def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_resume_finishes(data
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     run = log.parent
-    done = json.loads((run / "state.json").read_text())["epochs_done"]
-    rows = list(csv.DictReader(open(log)))
-    assert len(rows) == done >= 1
+    # Whatever instant the kill hit: a complete, loadable last.keras, and a complete log that
+    # reaches at least its epoch (the log is written just before the checkpoint).
     model, meta = load_checkpoint(run / "last.keras", num_classes=12)
-    assert meta["epoch"] == done
+    done = meta["epoch"]
+    rows = list(csv.DictReader(open(log)))
+    assert done >= 1 and [int(r["epoch"]) for r in rows][:done] == list(range(1, done + 1))
+    assert len(rows) in (done, done + 1)
     fcn("train", "--resume", run, check=0)
     rows = list(csv.DictReader(open(log)))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    # A temporary file the kill left mid-write is cleared by the resumed run.
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
 
 
 def _one_line_error(proc, *needles):
