@@ -351,6 +351,23 @@ def _augmented(image, label, size, augment: Augment, seed):
 # ----------------------------------------------------------------------------- datasets
 
 
+def _training_element(image, label, seed, size, augment, classes, ignore_void, weight_table):
+    """Augmented (image, label, sample_weight): the training recipe for one element."""
+    image, label, valid = _augmented(image, label, size, augment, seed)
+    return image, label, _sample_weight(label, valid, classes, ignore_void, weight_table)
+
+
+def _validation_element(image, label, size, classes, ignore_void):
+    """Plain-resized (image, label, sample_weight): weight 1 except at the ignored class."""
+    image, label = _resize(image, label, size)
+    return image, label, _sample_weight(label, tf.ones(size, tf.float32), classes, ignore_void, None)
+
+
+def _batched(dataset, batch_size: int, drop_remainder: bool = False):
+    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+
 def training_dataset(
     pairs: Sequence[Pair],
     classes: ClassTable,
@@ -384,10 +401,9 @@ def training_dataset(
     source = _source(pairs, classes, arrays, cache_budget)
 
     def element(index, salt):
-        seed = tf.stack([salt, index])
         image, label = _fetch(source, index)
-        image, label, valid = _augmented(image, label, size, augment, seed)
-        return image, label, _sample_weight(label, valid, classes, ignore_void, weight_table)
+        return _training_element(image, label, tf.stack([salt, index]), size, augment, classes, ignore_void,
+                                 weight_table)
 
     n = len(pairs)
     indices = tf.data.Dataset.range(n)
@@ -395,12 +411,8 @@ def training_dataset(
         indices = indices.shuffle(n, seed=seed, reshuffle_each_iteration=True)
     # A fresh deterministic salt per element and epoch: same seed -> same augmentation sequence.
     salts = tf.data.Dataset.random(seed=seed + 104_729, rerandomize_each_iteration=True)
-    return (
-        tf.data.Dataset.zip(indices, salts)
-        .map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(batch_size, drop_remainder=n >= batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    elements = tf.data.Dataset.zip(indices, salts).map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _batched(elements, batch_size, drop_remainder=n >= batch_size)
 
 
 def validation_dataset(
@@ -423,16 +435,10 @@ def validation_dataset(
     source = _source(pairs, classes, arrays, cache_budget)
 
     def element(index):
-        image, label = _resize(*_fetch(source, index), size)
-        valid = tf.ones(size, tf.float32)
-        return image, label, _sample_weight(label, valid, classes, ignore_void, None)
+        return _validation_element(*_fetch(source, index), size, classes, ignore_void)
 
-    return (
-        tf.data.Dataset.range(len(pairs))
-        .map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    elements = tf.data.Dataset.range(len(pairs)).map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _batched(elements, batch_size)
 
 
 def records_training_dataset(
@@ -459,17 +465,13 @@ def records_training_dataset(
 
     def element(record, salt):
         image, label, _, _, number = record
-        image, label, valid = _augmented(image, label, size, augment, tf.stack([salt, number]))
-        return image, label, _sample_weight(label, valid, classes, ignore_void, weight_table)
+        return _training_element(image, label, tf.stack([salt, number]), size, augment, classes, ignore_void,
+                                 weight_table)
 
     source = records(list(files)).shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     salts = tf.data.Dataset.random(seed=seed + 104_729, rerandomize_each_iteration=True)
-    return (
-        tf.data.Dataset.zip(source, salts)
-        .map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    elements = tf.data.Dataset.zip(source, salts).map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _batched(elements, batch_size, drop_remainder=True)
 
 
 def records_validation_dataset(
@@ -481,14 +483,9 @@ def records_validation_dataset(
     size = _check_image_size(image_size)
 
     def element(image, label, *_):
-        image, label = _resize(image, label, size)
-        return image, label, _sample_weight(label, tf.ones(size, tf.float32), classes, ignore_void, None)
+        return _validation_element(image, label, size, classes, ignore_void)
 
-    return (
-        records(list(files)).map(element, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    return _batched(records(list(files)).map(element, num_parallel_calls=tf.data.AUTOTUNE), batch_size)
 
 
 def pipeline_throughput(
