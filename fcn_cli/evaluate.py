@@ -12,7 +12,6 @@ Files: ``json_path`` (default ``eval-<split>.json`` in the checkpoint's own fold
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -37,12 +36,9 @@ def _check_writable(files: dict[str, Path], given: bool) -> None:
     hint = "choose another --json path" if given else "pass --json PATH to write the report elsewhere"
     if files["json"].is_dir():
         raise FcnError(f"{files['json']}: is a folder; give a file name for the JSON report")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FcnError(f"{folder}: cannot create the report folder ({exc.strerror or exc}); {hint}") from None
-    if not os.access(folder, os.W_OK):
-        raise FcnError(f"{folder}: folder is not writable; {hint}")
+    from fcn_cli.runs import ensure_writable_folder
+
+    ensure_writable_folder(folder, "report folder", hint)
 
 
 def evaluate(

@@ -42,6 +42,17 @@ def _write(path: Path, data: bytes) -> None:
         ) from None
 
 
+def ensure_writable_folder(folder: Path, what: str, fix: str) -> None:
+    """Create ``folder`` if needed; one FcnError line when it cannot be created or written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FcnError(f"{folder}: cannot create the {what} ({exc.strerror or exc}); {fix}") from None
+    if not os.access(folder, os.W_OK):
+        raise FcnError(f"{folder}: {what} is not writable; {fix}")
+
+
 def write_json(path: Path, data: dict) -> None:
     _write(Path(path), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
@@ -170,12 +181,7 @@ class RunFolder:
         if not is_chief:
             tmp = tempfile.mkdtemp(prefix="fcn-worker-")
             return cls(Path(tmp), False, tmp)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FcnError(f"{out}: cannot create the output folder ({exc.strerror}); choose a writable --out") from None
-        if not os.access(out, os.W_OK):
-            raise FcnError(f"{out}: output folder is not writable; choose a writable --out")
+        ensure_writable_folder(out, "output folder", "choose a writable --out")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for n in range(100):
             path = out / (f"{variant}-{stamp}" + (f"-{n}" if n else ""))

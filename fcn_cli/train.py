@@ -371,8 +371,6 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
         rows = [r for r in source.read_log() if r["epoch"] <= state["epochs_done"]]
     with strategy.scope():
         if resuming:
-            if not source.last.exists():
-                raise FcnError(f"{source.last}: no checkpoint to resume from; start a new run")
             model, _ = load_checkpoint(source.last, classes.num_classes, compile=True)
         else:
             model = build_fcn(cfg.variant, classes.num_classes, cfg.backbone_weights, cfg.width, cfg.head_width)
