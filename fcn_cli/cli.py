@@ -71,7 +71,8 @@ class Mode(str, Enum):
 DATA_HELP = "Data set folder (SegNet, Keras-tutorial or images/+masks/ layout)."
 CLASSES_HELP = "Class file (JSON or TOML: names, colours, ignored class). Default: CamVid's 12 classes."
 MODEL_HELP = "Checkpoint (.keras). Default: models/<variant>.keras, the best of the latest run."
-MODE_HELP = ("How images meet the model: 'resize' to the training size and upsample the logits back, "
+SIZE_HELP = "Resize mode: HEIGHTxWIDTH photos are resized to. Default: the checkpoint's inference size (see `fcn train --eval-size`)."
+MODE_HELP = ("How images meet the model: 'resize' to the checkpoint's inference size and upsample the logits back, "
              "or 'native': pad to a multiple of 32 and crop back (tiles for huge images).")
 
 
@@ -134,6 +135,7 @@ def train(
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer: adam or sgd (momentum 0.9).")] = Optimizer.adam,
     schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule over the run: constant, poly (0.9) or cosine.")] = Schedule.poly,
     image_size: Annotated[str, typer.Option(help="Training input HEIGHTxWIDTH, multiples of 32.")] = "224x224",
+    eval_size: Annotated[Optional[str], typer.Option(help="HEIGHTxWIDTH that validation and `fcn predict/evaluate` resize photos to. Default: --image-size times the mean --scale zoom, rounded to multiples of 32, so objects look as large as in training.")] = None,
     backbone_weights: Annotated[str, typer.Option(help="VGG-16 weights: 'imagenet' (downloaded once), 'none', or a Keras VGG16 .h5 PATH.")] = "imagenet",
     width: Annotated[float, typer.Option(min=0.01, help="Scale every VGG channel count (1.0 = VGG-16; <1 for small models, needs --backbone-weights none).")] = 1.0,
     head_width: Annotated[int, typer.Option(min=1, help="Filters of conv6/conv7 (4096 in the paper).")] = 4096,
@@ -160,6 +162,7 @@ def train(
     cfg = TrainConfig(
         data=str(data), variant=variant.value, batch_size=batch_size, epochs=epochs, lr=lr,
         optimizer=optimizer.value, schedule=schedule.value, image_size=parse_size(image_size),
+        eval_size=parse_size(eval_size, "--eval-size") if eval_size else None,
         backbone_weights=backbone_weights, width=width, head_width=head_width,
         init_from=str(init_from) if init_from else None, class_weights=class_weights.value,
         ignore_void=ignore_void, flip=flip, scale=parse_range(scale, "--scale"), jitter=jitter, seed=seed,
@@ -201,6 +204,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
     models_dir: Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")] = Path("models"),
     flip_tta: Annotated[bool, typer.Option("--flip-tta", help="Average each image's logits with its mirror image's (2x compute).")] = False,
+    image_size: Annotated[Optional[str], typer.Option(help=SIZE_HELP)] = None,
 ):
     """Score a checkpoint on a split at each annotation's own resolution (void ignored)."""
     _quiet_tensorflow()
@@ -211,7 +215,8 @@ def evaluate(
         raise FcnError(f"{data}: data folder not found; pass --data DIR (see `fcn data --help`)")
     path = resolve_model_path(model, models_dir)
     run_evaluation(path, data, split=split, classes_file=classes, json_path=json_out, mode=mode.value,
-                   batch_size=batch_size, console=_console(), flip=flip_tta)
+                   batch_size=batch_size, console=_console(), flip=flip_tta,
+                   image_size=parse_size(image_size) if image_size else None)
 
 
 @app.command()
@@ -228,6 +233,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
     models_dir: Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")] = Path("models"),
     flip_tta: Annotated[bool, typer.Option("--flip-tta", help="Average each image's logits with its mirror image's (2x compute).")] = False,
+    image_size: Annotated[Optional[str], typer.Option(help=SIZE_HELP)] = None,
 ):
     """Write colourized 12-class masks for images of any size."""
     _quiet_tensorflow()
@@ -237,7 +243,8 @@ def predict(
     path = resolve_model_path(model, models_dir)
     result = run_prediction(inputs, str(output) if output else None, path, classes_file=classes, mode=mode.value,
                             overlay=overlay, legend=legend, raw=raw, overwrite=overwrite, batch_size=batch_size,
-                            console=_console(), flip=flip_tta)
+                            console=_console(), flip=flip_tta,
+                            image_size=parse_size(image_size) if image_size else None)
     if result.failed:
         raise typer.Exit(1)
 

@@ -50,13 +50,15 @@ def evaluate(
     mode: str = "resize",
     batch_size: int = 4,
     console=None,
+    image_size=None,
     **inference_options,
 ) -> dict:
     """Score ``model_path`` on ``split`` of ``data_dir``; print the table, write the files, return every number.
 
     The returned dict (also the JSON) holds pixel_accuracy, mean_accuracy, mean_iou, mean_dice,
     fw_iou, pixels, per_class (name, colour, iou, accuracy, dice, support), confusion_matrix,
-    split, checkpoint, images, mode and files. ``inference_options`` (tile, overlap, tile_budget)
+    split, checkpoint, images, mode and files. ``image_size`` (H, W) overrides the checkpoint's
+    inference size in resize mode. ``inference_options`` (tile, overlap, tile_budget)
     go to :func:`fcn_cli.inference.iter_predictions`.
     """
     from rich.console import Console
@@ -81,8 +83,8 @@ def evaluate(
         pairs = find_dataset(data_dir).pairs(split)
         total = len(pairs)
         source = None
-    model, classes, image_size, meta = load_for_inference(model_path, classes_file)
-    used, size = effective_mode(mode, image_size)
+    model, classes, recorded_size, meta = load_for_inference(model_path, classes_file)
+    used, size = effective_mode(mode, image_size or recorded_size)
     if used != mode:
         console.print(f"{model_path}: the checkpoint records no training size; evaluating in native mode",
                       highlight=False)

@@ -48,8 +48,8 @@ def load_for_inference(model_path: str | Path, classes_file: str | Path | None =
     """(model, classes, image_size or None, meta) from a checkpoint.
 
     Classes: the ``--classes`` file when given (the model's output count must match it), else the
-    table embedded in the checkpoint, else CamVid's. ``image_size`` is the training (H, W) from
-    the metadata, or None when the checkpoint does not record one.
+    table embedded in the checkpoint, else CamVid's. ``image_size`` is the (H, W) "resize" mode
+    uses, from the metadata (:func:`meta_image_size`), or None when the checkpoint records none.
     """
     from fcn_cli.runs import load_checkpoint
 
@@ -76,13 +76,19 @@ def load_for_inference(model_path: str | Path, classes_file: str | Path | None =
 
 
 def meta_image_size(meta: dict) -> tuple[int, int] | None:
-    """The training size recorded in checkpoint metadata, or None when missing or malformed."""
-    size = meta.get("image_size") if isinstance(meta, dict) else None
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
+    """The size "resize" mode uses, from checkpoint metadata: the recorded inference size (the
+    training size times the mean zoom of scale augmentation, see ``train.inference_size``), else the
+    training size (checkpoints from before inference sizes were recorded), else None."""
+    if not isinstance(meta, dict):
         return None
-    return (h, w) if h > 0 and w > 0 else None
+    for key in ("inference_size", "image_size"):
+        try:
+            h, w = (int(v) for v in meta.get(key))
+        except (TypeError, ValueError):
+            continue
+        if h > 0 and w > 0:
+            return h, w
+    return None
 
 
 def effective_mode(mode: str, image_size: Sequence[int] | None) -> tuple[str, tuple[int, int] | None]:

@@ -281,10 +281,12 @@ def predict(
     batch_size: int = 4,
     console=None,
     workers: int | None = None,
+    image_size=None,
     **inference_options,
 ) -> PredictResult:
     """Write a mask (and optionally an overlay / a legend) for every photo found in ``inputs``.
 
+    ``image_size`` (H, W) overrides the checkpoint's inference size in resize mode.
     ``inference_options`` (tile, overlap, tile_budget) go to :func:`fcn_cli.inference.iter_predictions`.
     """
     from rich.console import Console
@@ -336,7 +338,7 @@ def predict(
 
     if runnable:
         classes = _run(runnable, model_path, classes_file, mode, raw, batch_size, console, workers, result,
-                       inference_options)
+                       image_size, inference_options)
         if legend_path is not None and result.written:
             try:
                 write_tagged_png(legend_path, legend_image(classes))
@@ -365,14 +367,15 @@ def predict(
     return result
 
 
-def _run(jobs, model_path, classes_file, mode, raw, batch_size, console, workers, result, options) -> ClassTable:
+def _run(jobs, model_path, classes_file, mode, raw, batch_size, console, workers, result, size, options) -> ClassTable:
     """Load the model, predict every job, write its files; record outcomes in ``result``; the classes."""
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fcn_cli.inference import effective_mode, iter_predictions, load_for_inference
 
-    model, classes, image_size, _ = load_for_inference(model_path, classes_file)
+    model, classes, recorded_size, _ = load_for_inference(model_path, classes_file)
+    image_size = size or recorded_size
     used, _ = effective_mode(mode, image_size)
     if used != mode:
         console.print(

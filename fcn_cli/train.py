@@ -29,6 +29,7 @@ class TrainConfig:
     optimizer: str = "adam"
     schedule: str = "poly"
     image_size: tuple[int, int] = (224, 224)
+    eval_size: tuple[int, int] | None = None  # validation / inference size; None: see inference_size()
     backbone_weights: str = "imagenet"
     width: float = 1.0
     head_width: int = 4096
@@ -51,6 +52,7 @@ class TrainConfig:
         data = asdict(self)
         data["image_size"] = list(self.image_size)
         data["scale"] = list(self.scale)
+        data["eval_size"] = list(self.eval_size) if self.eval_size else None
         return data
 
     @classmethod
@@ -58,7 +60,23 @@ class TrainConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["image_size"] = tuple(known.get("image_size", (224, 224)))
         known["scale"] = tuple(known.get("scale", (1.0, 1.0)))
+        if known.get("eval_size"):
+            known["eval_size"] = tuple(known["eval_size"])
         return cls(**known)
+
+
+def inference_size(cfg: TrainConfig) -> tuple[int, int]:
+    """The size validation and inference resize photos to.
+
+    Scale augmentation shows the network objects zoomed by s ~ U(low, high) on average (low + high) / 2
+    times larger than a plain resize to ``image_size`` would; testing at ``image_size`` then shows
+    objects smaller than in training (the train/test resolution discrepancy of Touvron et al., 2019,
+    "FixRes"). The default therefore scales ``image_size`` by the mean zoom, rounded to multiples of 32.
+    """
+    if cfg.eval_size:
+        return int(cfg.eval_size[0]), int(cfg.eval_size[1])
+    zoom = (float(cfg.scale[0]) + float(cfg.scale[1])) / 2
+    return tuple(max(32, 32 * round(v * zoom / 32)) for v in cfg.image_size)
 
 
 # --- hardware choices -------------------------------------------------------------------------
@@ -201,6 +219,7 @@ def checkpoint_meta(cfg: TrainConfig, classes, precision: str, epoch: int, val_m
         "variant": cfg.variant,
         "classes": classes.to_dict(),
         "image_size": list(cfg.image_size),
+        "inference_size": list(inference_size(cfg)),
         "width": cfg.width,
         "head_width": cfg.head_width,
         "precision": precision,
@@ -283,9 +302,12 @@ def prepare_data(cfg: TrainConfig, console, strategy=None) -> _Data:
     h, w = cfg.image_size
     if h % 32 or w % 32 or h < 32 or w < 32:
         raise FcnError(f"--image-size {h}x{w}: height and width must be multiples of 32 (e.g. 224x224, 352x480)")
+    eh, ew = val_size = inference_size(cfg)
+    if eh % 32 or ew % 32 or eh < 32 or ew < 32:
+        raise FcnError(f"--eval-size {eh}x{ew}: height and width must be multiples of 32 (e.g. 224x288)")
     augment = pipeline.Augment(flip=cfg.flip, scale=tuple(cfg.scale), jitter=cfg.jitter)
     if shards.is_shard_folder(data_dir):
-        train_ds, val_ds, n_train, n_val, weights = _shard_datasets(cfg, classes, data_dir, augment)
+        train_ds, val_ds, n_train, n_val, weights = _shard_datasets(cfg, classes, data_dir, augment, val_size)
         policy = "FILE"  # each worker reads its own shards
     else:
         dataset = find_dataset(data_dir)
@@ -305,7 +327,7 @@ def prepare_data(cfg: TrainConfig, console, strategy=None) -> _Data:
             seed=cfg.seed, ignore_void=cfg.ignore_void, class_weights=weights, arrays=train_arrays,
         )
         val_ds = pipeline.validation_dataset(
-            val_pairs, classes, image_size=cfg.image_size, batch_size=cfg.batch_size, arrays=val_arrays,
+            val_pairs, classes, image_size=val_size, batch_size=cfg.batch_size, arrays=val_arrays,
         )
         n_train, n_val = len(train_pairs), len(val_pairs)
         policy = "DATA"  # in-memory arrays: every worker takes its share of each global batch
@@ -318,7 +340,7 @@ def prepare_data(cfg: TrainConfig, console, strategy=None) -> _Data:
     return _Data(classes, train_ds, val_ds, steps, n_train, n_val)
 
 
-def _shard_datasets(cfg, classes, data_dir: Path, augment):
+def _shard_datasets(cfg, classes, data_dir: Path, augment, val_size):
     import tensorflow as tf
 
     from fcn_cli import pipeline, shards
@@ -335,7 +357,7 @@ def _shard_datasets(cfg, classes, data_dir: Path, augment):
         shard_set.files("train"), classes, image_size=cfg.image_size, batch_size=cfg.batch_size, augment=augment,
         seed=cfg.seed, ignore_void=cfg.ignore_void, class_weights=weights,
     )
-    val_ds = pipeline.records_validation_dataset(shard_set.files(val_split), classes, image_size=cfg.image_size,
+    val_ds = pipeline.records_validation_dataset(shard_set.files(val_split), classes, image_size=val_size,
                                                  batch_size=cfg.batch_size)
     # The index knows the count; telling tf.data lets Keras end each validation pass cleanly.
     batches = -(-shard_set.count(val_split) // cfg.batch_size)

@@ -73,6 +73,7 @@ def test_checkpoints_reload_with_metadata(trained):
     model, meta = load_checkpoint(run / "best.keras", num_classes=12)
     assert model.output_shape[-1] == 12
     assert meta["variant"] == "fcn8" and meta["image_size"] == [64, 64]
+    assert meta["inference_size"] == [64, 64]  # no --scale: inference at the training size
     assert meta["classes"]["classes"][3]["name"] == "road"
 
 
@@ -88,6 +89,11 @@ def test_evaluate_json_has_every_metric_in_unit_range(trained, data_dir, tmp_pat
             assert entry[key] is None or 0.0 <= entry[key] <= 1.0
     assert (tmp_path / "val_confusion.csv").is_file() and (tmp_path / "val_confusion.png").is_file()
     assert "mean" in proc.stdout.lower()
+    assert result["image_size"] == [64, 64]
+    fcn("evaluate", "--data", data_dir, "--models-dir", out, "--json", report, "--image-size", "96x128", check=0)
+    assert json.loads(report.read_text())["image_size"] == [96, 128]
+    bad = fcn("evaluate", "--data", data_dir, "--models-dir", out, "--image-size", "96by128", check=2)
+    assert "--image-size" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_predict_any_size_gives_palette_mask_of_input_size(trained, tmp_path):

@@ -196,3 +196,40 @@ def test_missing_split_is_a_clear_error(dataset, checkpoint, tmp_path):
     root, _ = dataset
     with pytest.raises(FcnError, match="test"):
         evaluate(checkpoint, root, split="test", json_path=tmp_path / "x.json", console=_quiet())
+
+
+@pytest.mark.parametrize(("size", "scale", "eval_size", "expected"), [
+    ((192, 256), (0.75, 1.5), None, (224, 288)),  # mean zoom 1.125: 216x288, rounded to multiples of 32
+    ((224, 224), (1.0, 1.0), None, (224, 224)),  # no scale augmentation: the training size
+    ((64, 96), (0.5, 1.5), None, (64, 96)),
+    ((64, 64), (1.0, 2.0), None, (96, 96)),
+    ((192, 256), (0.75, 1.5), (360, 480), (360, 480)),  # --eval-size wins
+])
+def test_inference_size_is_the_training_size_times_the_mean_zoom(size, scale, eval_size, expected):
+    from fcn_cli.train import TrainConfig, inference_size
+
+    cfg = TrainConfig(image_size=size, scale=scale, eval_size=eval_size)
+    assert inference_size(cfg) == expected
+    assert inference_size(TrainConfig.from_json(cfg.to_json())) == expected  # survives config.json (resume)
+
+
+def test_resize_mode_uses_the_recorded_inference_size_unless_overridden(dataset, tmp_path):
+    from fcn_cli.evaluate import evaluate
+    from fcn_cli.inference import meta_image_size
+    from fcn_cli.runs import save_checkpoint
+
+    assert meta_image_size({"image_size": [64, 64]}) == (64, 64)  # older checkpoints: the training size
+    assert meta_image_size({"image_size": [64, 64], "inference_size": [96, 128]}) == (96, 128)
+    assert meta_image_size({"image_size": [64, 64], "inference_size": "junk"}) == (64, 64)
+    assert meta_image_size({}) is None
+
+    root, _ = dataset
+    path = tmp_path / "zoomed.keras"
+    save_checkpoint(_tiny_model(), path, {**META, "inference_size": [96, 128]})
+    recorded = evaluate(path, root, json_path=tmp_path / "a.json", batch_size=2, console=_quiet())
+    assert recorded["image_size"] == [96, 128]
+    override = evaluate(path, root, json_path=tmp_path / "b.json", batch_size=2, console=_quiet(), image_size=(32, 64))
+    assert override["image_size"] == [32, 64]
+    # Scores are still counted at each annotation's own resolution, whatever size the network saw.
+    assert recorded["pixels"] == override["pixels"]
+    assert recorded["confusion_matrix"] != override["confusion_matrix"]
