@@ -345,6 +345,20 @@ def _predict_path(tf, model, image_size):
     return call, f"fcn_cli.inference.predict_batch(mode={PREDICT_MODE!r}, output='labels', batch_size=batch)"
 
 
+def plain_keras_layers(keras, model):
+    """The same network with stock Conv2D for conv6/conv7: what the design notes build (fcn's
+    MatmulConv2D computes the same function through one matrix product, see fcn_cli.model)."""
+    from fcn_cli.model import MatmulConv2D
+
+    def clone(layer):
+        cls = keras.layers.Conv2D if isinstance(layer, MatmulConv2D) else layer.__class__
+        return cls.from_config(layer.get_config())
+
+    plain = keras.models.clone_model(model, clone_function=clone)
+    assert not any(isinstance(layer, MatmulConv2D) for layer in plain.layers)
+    return plain
+
+
 def part_train(args, sizes) -> dict:
     tf, keras, threads = setup_tensorflow(args)
     import numpy as np
@@ -379,7 +393,7 @@ def part_train(args, sizes) -> dict:
     else:
         precision = "float32"
         keras.mixed_precision.set_global_policy(precision)
-        base = build_fcn("fcn8", num_classes, None, sizes["width"], sizes["head_width"])
+        base = plain_keras_layers(keras, build_fcn("fcn8", num_classes, None, sizes["width"], sizes["head_width"]))
         probs = keras.layers.Activation("softmax", name="softmax")(base.output)
         model = keras.Model(base.input, probs, name="fcn8_plain_keras")
         out["build_s"] = round(time.perf_counter() - started, 3)

@@ -60,10 +60,11 @@ def build_fcn(
         x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
         pools[block] = x
 
-    # fc6/fc7 "convolutionalized": 7x7 and 1x1 convolutions ('same' keeps conv7 at H/32).
-    x = layers.Conv2D(head_width, 7, padding="same", activation="relu", name="conv6")(pools[5])
+    # fc6/fc7 "convolutionalized": 7x7 and 1x1 convolutions ('same' keeps conv7 at H/32), computed
+    # as what they are, fully connected layers applied at every window (MatmulConv2D: same weights).
+    x = MatmulConv2D(head_width, 7, padding="same", activation="relu", name="conv6")(pools[5])
     x = layers.Dropout(dropout, name="drop6")(x)
-    x = layers.Conv2D(head_width, 1, activation="relu", name="conv7")(x)
+    x = MatmulConv2D(head_width, 1, activation="relu", name="conv7")(x)
     x = layers.Dropout(dropout, name="drop7")(x)
     score = _score(num_classes, "score_fr")(x)
 
@@ -85,6 +86,36 @@ def build_fcn(
     if weights is not None:
         load_backbone_weights(model, weights)
     return model
+
+
+@keras.saving.register_keras_serializable(package="fcn")
+class MatmulConv2D(layers.Conv2D):
+    """A Conv2D whose stride-1 convolution runs as one matrix product over unfolded windows (im2col).
+
+    Same weights (kh, kw, in, out), same config, same outputs as ``Conv2D``; only the arithmetic path
+    differs. For the head's big kernels on small maps (conv6: 7x7x512 -> 4096 on a 7x7 map at 224x224)
+    oneDNN's direct convolution spends most of a training step reordering the 100M-weight kernel
+    and in a slow backward-weights kernel; one GEMM of (windows x kh*kw*in) by (kh*kw*in x out) runs
+    3x faster forward + backward in bf16 here (bench/NOTES.md). Kept to the head: for 3x3 layers
+    on large maps the unfolded windows cost more than they save (measured too).
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if (tuple(self.strides) != (1, 1) or tuple(self.dilation_rate) != (1, 1) or self.groups != 1
+                or self.data_format != "channels_last"):
+            return super().convolution_op(inputs, kernel)
+        kh, kw = self.kernel_size
+        if self.padding == "same":  # TensorFlow's SAME: the odd pixel of an even kernel goes after
+            inputs = keras.ops.pad(inputs, [[0, 0], [(kh - 1) // 2, kh // 2], [(kw - 1) // 2, kw // 2], [0, 0]])
+        if (kh, kw) != (1, 1):
+            shape = keras.ops.shape(inputs)
+            oh, ow = shape[1] - kh + 1, shape[2] - kw + 1
+            # Window (i, j) first, channels inside it: the row-major order of kernel.reshape(kh * kw * in, out).
+            inputs = keras.ops.concatenate(
+                [inputs[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1
+            )
+        flat_kernel = keras.ops.reshape(kernel, (kh * kw * kernel.shape[2], kernel.shape[3]))
+        return keras.ops.tensordot(inputs, flat_kernel, axes=1)
 
 
 def rgb_to_vgg_input() -> layers.Layer:

@@ -238,3 +238,43 @@ def test_builds_and_runs_under_jax_backend():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("jax")
+
+
+@pytest.mark.parametrize(("kernel", "padding", "hw"), [
+    (7, "same", (7, 7)), (7, "same", (3, 5)), (7, "valid", (9, 11)), (1, "valid", (4, 6)), (4, "same", (5, 6)), (3, "same", (1, 1)),
+])
+def test_matmul_conv_is_conv2d_in_values_and_gradients(kernel, padding, hw):
+    import tensorflow as tf
+
+    from fcn_cli.model import MatmulConv2D
+
+    rng = np.random.default_rng(kernel)
+    x = tf.constant(rng.normal(size=(2, *hw, 5)).astype("float32"))
+    conv = keras.layers.Conv2D(6, kernel, padding=padding, activation="relu")
+    fast = MatmulConv2D.from_config(conv.get_config())
+    conv(x)
+    fast(x)
+    fast.set_weights([w + 0.1 * rng.normal(size=w.shape).astype("float32") for w in conv.get_weights()])
+    conv.set_weights(fast.get_weights())
+    grads = []
+    for layer in (conv, fast):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * tf.cos(y))
+        grads.append((y, *tape.gradient(loss, [x, *layer.trainable_weights])))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_conv_head_saves_and_loads_in_safe_mode(tmp_path):
+    from fcn_cli.model import MatmulConv2D
+
+    model = build_fcn("fcn8", backbone_weights=None, width=1 / 16, head_width=16)
+    assert isinstance(model.get_layer("conv6"), MatmulConv2D) and isinstance(model.get_layer("conv7"), MatmulConv2D)
+    x = np.random.default_rng(0).uniform(0, 255, (1, 64, 96, 3)).astype("float32")
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded.get_layer("conv6")) is MatmulConv2D
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
