@@ -278,3 +278,14 @@ def test_matmul_conv_head_saves_and_loads_in_safe_mode(tmp_path):
     loaded = keras.saving.load_model(path, safe_mode=True)
     assert type(loaded.get_layer("conv6")) is MatmulConv2D
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+
+
+def test_a_fresh_process_loads_the_head_through_load_checkpoint(tmp_path):
+    # `fcn predict` never imports the model builder itself: loading must register MatmulConv2D.
+    path = tmp_path / "m.keras"
+    build_fcn("fcn8", backbone_weights=None, width=1 / 16, head_width=16).save(path)
+    code = f"from fcn_cli.runs import load_checkpoint; m, _ = load_checkpoint({str(path)!r}); print(type(m.get_layer('conv6')).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("MatmulConv2D")
