@@ -63,11 +63,13 @@ FULL = dict(
     width=1.0, head_width=4096, image=224, batch=8, warmup=2, steps=5, infer_warmup=2, infer_repeats=5,
     mm_n=4096, mm_warmup=2, mm_repeats=7, conv=(8, 56, 56, 256, 256), conv_warmup=3, conv_repeats=10,
     pipeline_pairs=None, pipeline_image=224, help_repeats=5, predict_repeats=3, part_timeout=1200,
+    epochs=3, epoch_steps=None,
 )
 QUICK = dict(
     width=0.125, head_width=512, image=64, batch=8, warmup=1, steps=2, infer_warmup=1, infer_repeats=2,
     mm_n=512, mm_warmup=1, mm_repeats=3, conv=(2, 28, 28, 64, 64), conv_warmup=1, conv_repeats=3,
     pipeline_pairs=24, pipeline_image=64, help_repeats=2, predict_repeats=1, part_timeout=300,
+    epochs=2, epoch_steps=3,
 )
 
 
@@ -456,13 +458,68 @@ def part_train(args, sizes) -> dict:
     if args.save_checkpoint:
         from fcn_cli.runs import save_checkpoint
 
-        # What `fcn train` writes: the compiled model with its optimizer state (last.keras every epoch, best.keras when val mIoU improves).
+        # What `fcn train` writes: last.keras, the compiled model with its optimizer state (for --resume),
+        # and best.keras, an uncompiled copy of the weights (what evaluate / predict load).
         meta = {"variant": "fcn8", "classes": CAMVID.to_dict(), "image_size": [size, size]}
+        last = Path(args.save_checkpoint).with_name("last.keras")
         started = time.perf_counter()
-        save_checkpoint(model, Path(args.save_checkpoint), meta)
-        out["checkpoint"] = {"path": args.save_checkpoint, "save_s": round(time.perf_counter() - started, 3),
-                             "bytes": Path(args.save_checkpoint).stat().st_size, "with_optimizer_state": True}
+        save_checkpoint(model, last, meta)
+        last_s = time.perf_counter() - started
+        twin = keras.Model.from_config(model.get_config())  # uncompiled, as fcn train's best-weights twin
+        twin.set_weights(model.get_weights())
+        started = time.perf_counter()
+        save_checkpoint(twin, Path(args.save_checkpoint), meta)
+        out["checkpoint"] = {
+            "last": {"save_s": round(last_s, 3), "bytes": last.stat().st_size, "with_optimizer_state": True},
+            "best": {"path": args.save_checkpoint, "save_s": round(time.perf_counter() - started, 3),
+                     "bytes": Path(args.save_checkpoint).stat().st_size, "with_optimizer_state": False},
+        }
+        last.unlink()
     return out
+
+
+def part_epochs(args, sizes) -> dict:
+    """Whole epochs through `fcn train` (fcn_cli.train.train: CamVid folder, tf.data pipeline, metrics,
+    validation, commits of checkpoints / log / state), against the bare step rate of the train part."""
+    _, _, threads = setup_tensorflow(args)
+    import io
+
+    from rich.console import Console
+
+    from fcn_cli.train import TrainConfig, train
+
+    size, batch = sizes["image"], sizes["batch"]
+    out_dir = Path(tempfile.mkdtemp(prefix="fcn-bench-epochs-"))
+    cfg = TrainConfig(data=str(args.data), variant="fcn8", batch_size=batch, epochs=sizes["epochs"], image_size=(size, size),
+                      backbone_weights="none", width=sizes["width"], head_width=sizes["head_width"], out=str(out_dir),
+                      max_steps=sizes.get("epoch_steps"), precision=args.precision)
+    try:
+        result = train(cfg, Console(file=io.StringIO()))
+        rows = result.rows
+        steps = json.loads(next(out_dir.glob("fcn8-*/config.json")).read_text())["steps_per_epoch"]
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    epochs = []
+    for r in rows:
+        train_s = steps * batch / r["images_per_s"]
+        epochs.append({"epoch": r["epoch"], "seconds_train_and_val": r["seconds"], "train_part_s": round(train_s, 2),
+                       "validation_s": round(r["seconds"] - train_s, 2), "train_part_images_per_s": r["images_per_s"]})
+    val_s = sum(e["validation_s"] for e in epochs)
+    commits_s = result.seconds - sum(r["seconds"] for r in rows)
+    images = steps * batch * len(rows)
+    later = [e["train_part_images_per_s"] for e in epochs[1:]] or [epochs[0]["train_part_images_per_s"]]
+    return {
+        "threads": threads, "config": {k: v for k, v in cfg.to_json().items() if k not in ("extra",)},
+        "steps_per_epoch": steps, "epochs": epochs,
+        "fit_wall_s": round(result.seconds, 2),
+        "commit_and_callback_s": round(commits_s, 2),
+        "train_part_images_per_s_median_after_first": round(median(later), 3),
+        "whole_run_images_per_s_excluding_validation": round(images / (result.seconds - val_s), 3),
+        "whole_run_images_per_s": round(images / result.seconds, 3),
+        "how": "fcn_cli.train.train (what `fcn train` runs) on the CamVid folder; per-epoch rows from log.csv; "
+               "commit_and_callback_s = fit wall - sum of epoch (train + validation) seconds; the whole-run "
+               "figure counts every second of fit() except the validation passes (first epoch's tracing included)",
+    }
 
 
 def part_pipeline(args, sizes) -> dict:
@@ -572,7 +629,8 @@ def part_load(args, sizes) -> dict:
             "conv_dtype_policy": model.get_layer("block1_conv1").dtype_policy.name, "peak_rss_mib": peak_rss_mib()}
 
 
-PARTS = {"ceilings": part_ceilings, "train": part_train, "pipeline": part_pipeline, "load": part_load}
+PARTS = {"ceilings": part_ceilings, "train": part_train, "pipeline": part_pipeline, "load": part_load,
+         "epochs": part_epochs}
 
 
 # ============================================================================ orchestration
@@ -669,6 +727,12 @@ def orchestrate(args) -> dict:
         models["baseline"] = run_part("train", common + ["--flavor", "baseline"], timeout)
         result["models"] = models
 
+        if (Path(args.data) / "train").is_dir():
+            say("whole epochs through fcn train (CamVid)")
+            result["epochs"] = run_part("epochs", common + ["--data", str(args.data), "--precision", args.precision], timeout)
+        else:
+            result["epochs"] = {"error": f"{args.data}: no CamVid train folder"}
+
         image, hw = predict_input(tmp, Path(args.data))
         if ckpt.exists():
             say("predict breakdown (import / load / forward)")
@@ -718,6 +782,15 @@ def derive(result: dict) -> None:
         vs["train_step_s"] = ratio(product["train"]["step_s_median"], baseline["train"]["step_s_median"])
         vs["peak_rss_mib_after_train"] = ratio(product.get("peak_rss_mib_after_train"), baseline.get("peak_rss_mib_after_train"))
         result["vs_baseline"] = vs
+    epochs = result.get("epochs", {})
+    if "train" in product and "whole_run_images_per_s_excluding_validation" in epochs:
+        bare = product["train"]["images_per_s"]
+        epochs["vs_bare_step"] = {
+            "train_part": ratio(epochs["train_part_images_per_s_median_after_first"], bare),
+            "whole_run_excluding_validation": ratio(epochs["whole_run_images_per_s_excluding_validation"], bare),
+            "bare_step_images_per_s": bare,
+            "note": "1.0 = whole epochs as fast as the bare steps of the train part (same run, same model)",
+        }
 
     def collect(prefix, node):
         if isinstance(node, dict):
@@ -806,9 +879,17 @@ def print_table(result: dict, path: Path) -> None:
         ("  checkpoint load", b.get("load_checkpoint_s"), 1),
         ("  first forward (tracing incl.)", b.get("first_forward_s"), 1),
         ("  later forward", b.get("forward_s"), b.get("forward_repeats")),
-        ("checkpoint save (as fcn train writes it)", g(product, "checkpoint", "save_s"), 1),
+        ("last.keras save (with optimizer state, for --resume)", g(product, "checkpoint", "last", "save_s"), 1),
+        ("best.keras save (weights only, what predict loads)", g(product, "checkpoint", "best", "save_s"), 1),
+        ("fcn train: commits + callbacks over the whole run", g(result, "epochs", "commit_and_callback_s"), 1),
     ):
         other.add_row(label, fmt(value, 3), "s", fmt(n))
+    for label, keys, unit in (
+        ("fcn train epochs: training part", ("epochs", "train_part_images_per_s_median_after_first"), "img/s"),
+        ("fcn train: whole run except validation", ("epochs", "whole_run_images_per_s_excluding_validation"), "img/s"),
+        ("  ... / bare step rate", ("epochs", "vs_bare_step", "whole_run_excluding_validation"), "x"),
+    ):
+        other.add_row(label, fmt(g(result, *keys), 3), unit, fmt(len(g(result, "epochs", "epochs") or []) or None))
     console.print(other)
     for where, err in result.get("errors", {}).items():
         console.print(f"[yellow]not measured[/] {where}: {err[:300]}")

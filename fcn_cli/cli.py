@@ -152,6 +152,7 @@ def train(
     strategy: Annotated[Strategy, typer.Option(help="tf.distribute strategy; auto: multi-worker with TF_CONFIG, mirrored on >1 GPU.")] = Strategy.auto,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Cap the steps per epoch (quick trials).")] = None,
     time_limit: Annotated[Optional[float], typer.Option(min=0.1, help="Stop after the last epoch that fits in this many minutes (the run stays resumable).")] = None,
+    checkpoint_overhead: Annotated[float, typer.Option(min=0.0, max=1.0, help="Largest share of the run's time spent writing checkpoints: epochs between commits are spaced to keep within it (the first and last epoch, a time-limit stop and Ctrl-C always write). 1 = write every epoch.")] = 0.05,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch (its own settings; --epochs may extend it).")] = None,
 ):
     """Train an FCN; writes a run folder under --out with config, CSV log, curves and checkpoints."""
@@ -167,7 +168,8 @@ def train(
         init_from=str(init_from) if init_from else None, class_weights=class_weights.value,
         ignore_void=ignore_void, flip=flip, scale=parse_range(scale, "--scale"), jitter=jitter, seed=seed,
         out=str(out), classes=str(classes) if classes else None, precision=precision.value,
-        strategy=strategy.value, max_steps=max_steps, time_limit=time_limit, extra={"epochs_given": epochs_given},
+        strategy=strategy.value, max_steps=max_steps, time_limit=time_limit,
+        checkpoint_overhead=checkpoint_overhead, extra={"epochs_given": epochs_given},
     )
     console = _console()
     result = run_training(cfg, console, resume=str(resume) if resume else None)

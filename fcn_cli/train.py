@@ -46,6 +46,7 @@ class TrainConfig:
     strategy: str = "auto"
     max_steps: int | None = None  # cap on steps per epoch (smoke tests, benchmarks)
     time_limit: float | None = None  # minutes; stop after the last epoch that fits
+    checkpoint_overhead: float = 0.05  # largest share of wall time spent writing checkpoints (1: every epoch)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -407,7 +408,8 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
     if not resuming:
         run.write_config({**cfg.to_json(), "precision_used": precision, "strategy_used": strategy_desc,
                           "train_pairs": data.n_train, "val_pairs": data.n_val, "steps_per_epoch": data.steps_per_epoch})
-    recorder = EpochRecorder(run, cfg, classes, precision, state, rows, console)
+    recorder = EpochRecorder(run, cfg, classes, precision, state, rows, console, strategy,
+                             every_epoch=_is_multi_worker(strategy))
     progress = RichProgress(console, data.steps_per_epoch, cfg.batch_size, cfg.epochs)
     started = time.perf_counter()
     interrupted = False
@@ -439,7 +441,7 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
             interrupted = True
             progress.stop()
             # Mid-epoch weights go to last.keras; the log and state still say the last finished epoch.
-            run.save_checkpoint(model, "last", checkpoint_meta(cfg, classes, precision, recorder.state["epochs_done"], None))
+            recorder.commit(model, checkpoint_meta(cfg, classes, precision, recorder.state["epochs_done"], None))
             console.print(f"[yellow]interrupted[/]: saved {run.last}; continue with `fcn train --resume {run.path}`")
     progress.stop()
     if recorder.diverged:
@@ -507,17 +509,36 @@ def _keras_callback_base():
 
 
 class EpochRecorder(_keras_callback_base()):
-    """After each finished epoch: last checkpoint, best checkpoint + stable link, CSV log, state, plot."""
+    """After each finished epoch: log row, state and best weights; written to the run folder in commits.
 
-    def __init__(self, run, cfg, classes, precision, state, rows, console):
+    A commit writes last.keras, log.csv, state.json, best.keras (when the best moved) and curves.png:
+    one consistent snapshot of the run. Writing the full FCN-8s with its Adam state takes seconds
+    (1.6 GB), so commits are spaced to keep their time under ``cfg.checkpoint_overhead`` of the
+    wall time: the first epoch always commits (that measures the cost), later ones when the time
+    since the last commit pays for one, and the last epoch, a time-limit stop and Ctrl-C always do.
+    A kill between commits loses only the epochs since the last one; --resume redoes them.
+    The best weights are held in an uncompiled twin of the model until the next commit, so a
+    later, worse epoch never leaks into best.keras (which carries no optimizer state: it is what
+    evaluate and predict load).
+    """
+
+    def __init__(self, run, cfg, classes, precision, state, rows, console, strategy=None, every_epoch=False):
         super().__init__()
+        # Workers of a multi-worker run must agree on when to save: timing-based spacing could differ.
+        self.every_epoch = every_epoch
         self.run, self.cfg, self.classes, self.precision = run, cfg, classes, precision
         self.state, self.rows, self.console = dict(state), list(rows), console
+        self.strategy = strategy
         self.diverged = None
         self.stable = None
         self._started = time.perf_counter()
         self._t0 = None
         self._images = 0
+        self._twin = None  # uncompiled copy of the model holding the best weights
+        self._best_meta = None  # set while best weights wait for the next commit
+        self._meta = None  # metadata of the last finished, uncommitted epoch
+        self._commit_s = None
+        self._committed_at = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
@@ -534,6 +555,7 @@ class EpochRecorder(_keras_callback_base()):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.diverged:
+            self._commit_best_only()
             return  # never let a NaN model replace the last good checkpoint
         logs = logs or {}
         # The last batch's update can blow the weights up after every batch loss was finite:
@@ -543,6 +565,7 @@ class EpochRecorder(_keras_callback_base()):
             if value is not None and not math.isfinite(float(value)):
                 self.diverged = (epoch + 1, float(value))
                 self.model.stop_training = True
+                self._commit_best_only()
                 return
         seconds = time.perf_counter() - self._t0
         miou = float(logs.get("val_miou", float("nan")))
@@ -557,25 +580,70 @@ class EpochRecorder(_keras_callback_base()):
             # Training images per second of the epoch's training part (validation excluded).
             "images_per_s": round(self._images / self._train_seconds, 3) if self._train_seconds > 0 else None,
         }
-        meta = checkpoint_meta(self.cfg, self.classes, self.precision, epoch + 1, miou)
+        self._meta = checkpoint_meta(self.cfg, self.classes, self.precision, epoch + 1, miou)
         best = self.state["best_miou"]
-        improved = math.isfinite(miou) and (best is None or miou > best)
-        if improved:
+        if math.isfinite(miou) and (best is None or miou > best):
             self.state.update(best_miou=miou, best_epoch=epoch + 1)
+            self._hold_best(self._meta)
         self.state["epochs_done"] = epoch + 1
         self.rows.append(row)
-        self.run.end_epoch(self.model, meta, self.rows, self.state)
-        if improved:
-            self.run.save_checkpoint(self.model, "best", meta)
-            self.stable = self.run.link_stable(Path(self.cfg.out) / f"{self.cfg.variant}.keras")
-        self.run.plot_curves(self.rows)
-        if self.cfg.time_limit and self._would_overrun(seconds):
+        stopping = bool(self.cfg.time_limit) and self._would_overrun(seconds)
+        if stopping or epoch + 1 >= self.cfg.epochs or self._commit_due():
+            self.commit(self.model)
+        if stopping:
             self.console.print(f"time limit of {self.cfg.time_limit:g} min reached after epoch {epoch + 1}")
             self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self._meta is not None and not self.diverged:  # an early stop left epochs uncommitted
+            self.commit(self.model)
+
+    def _commit_due(self) -> bool:
+        if self._commit_s is None or self.every_epoch or self.cfg.checkpoint_overhead >= 1:
+            return True
+        since = time.perf_counter() - self._committed_at
+        return self._commit_s <= self.cfg.checkpoint_overhead * (since + self._commit_s)
+
+    def _hold_best(self, meta: dict) -> None:
+        import keras
+
+        if self._twin is None:
+            # From the config, not keras.models.clone_model: a clone of a compiled model is compiled
+            # too, and its optimizer state would double the memory and end up in best.keras.
+            with self.strategy.scope() if self.strategy is not None else _null_context():
+                self._twin = keras.Model.from_config(self.model.get_config())
+        for dst, src in zip(self._twin.weights, self.model.weights):
+            dst.assign(src)
+        self._best_meta = meta
+
+    def commit(self, model, meta: dict | None = None) -> None:
+        """Write the run's state: ``model`` as last.keras (with ``meta``, default the last finished
+        epoch's), log, state, then the held best weights and the stable link, then the curves."""
+        started = time.perf_counter()
+        meta = meta or self._meta
+        self.run.end_epoch(model, meta, self.rows, self.state)
+        self._meta = None
+        self._commit_best_only()
+        self.run.plot_curves(self.rows)
+        self._committed_at = time.perf_counter()
+        self._commit_s = self._committed_at - started
+
+    def _commit_best_only(self) -> None:
+        if self._best_meta is None:
+            return
+        self.run.save_checkpoint(self._twin, "best", self._best_meta)
+        self._best_meta = None
+        self.stable = self.run.link_stable(Path(self.cfg.out) / f"{self.cfg.variant}.keras")
 
     def _would_overrun(self, last_epoch_seconds: float) -> bool:
         elapsed = time.perf_counter() - self._started
         return elapsed + last_epoch_seconds > self.cfg.time_limit * 60
+
+
+def _null_context():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def _current_lr(model) -> float:

@@ -423,6 +423,8 @@ def _recorder(tmp_path, **overrides):
     from fcn_cli.model import build_fcn
     from fcn_cli.runs import RunFolder
 
+    # Every epoch commits unless a test asks otherwise: these tests are about what one write does.
+    overrides = {"checkpoint_overhead": 1.0, **overrides}
     cfg = train.TrainConfig(out=str(tmp_path / "models"), variant="fcn8", image_size=(32, 32), width=1 / 16,
                             head_width=16, backbone_weights="none", epochs=5, batch_size=2, precision="float32",
                             **overrides)
@@ -507,6 +509,66 @@ def test_time_limit_stops_after_a_saved_epoch(tmp_path):
     _epoch(recorder, 0, [2.0], GOOD)
     assert net.stop_training and not recorder.diverged
     assert run.last.is_file() and json.loads((run.path / "state.json").read_text())["epochs_done"] == 1
+
+
+def _optimizer_arrays(checkpoint: Path) -> int:
+    import h5py
+
+    with zipfile.ZipFile(checkpoint) as zf, h5py.File(io.BytesIO(zf.read("model.weights.h5")), "r") as h5:
+        names = []
+        h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return sum(name.startswith("optimizer") for name in names)
+
+
+def test_commits_are_spaced_by_their_cost_and_best_weights_wait_in_memory(tmp_path):
+    from fcn_cli.runs import load_checkpoint, read_checkpoint_meta
+
+    recorder, run, net = _recorder(tmp_path, checkpoint_overhead=0.05)
+    probe = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    net.train_on_batch(np.repeat(probe, 2, 0), np.zeros((2, 32, 32), np.int32))  # Adam's moments exist now
+    scores = [0.1, 0.5, 0.3, 0.2, 0.25]  # best at epoch 2, five epochs planned
+    _epoch(recorder, 0, [2.0], {**GOOD, "val_miou": scores[0]})
+    assert read_checkpoint_meta(run.last)["epoch"] == 1  # the first epoch commits: it measures the cost
+    recorder._commit_s = 1e6  # from now on a commit "costs" more than the run: only forced ones happen
+    expected_best = None
+    for epoch in (1, 2, 3):
+        perturb(net)
+        _epoch(recorder, epoch, [2.0], {**GOOD, "val_miou": scores[epoch]})
+        if epoch == 1:
+            expected_best = net.predict(probe, verbose=0)
+        # Nothing written: the files still describe epoch 1, consistently.
+        assert read_checkpoint_meta(run.last)["epoch"] == 1
+        assert [int(r["epoch"]) for r in csv.DictReader(open(run.path / "log.csv"))] == [1]
+        assert json.loads((run.path / "state.json").read_text())["epochs_done"] == 1
+        assert read_checkpoint_meta(run.best)["epoch"] == 1
+    perturb(net)
+    _epoch(recorder, 4, [2.0], {**GOOD, "val_miou": scores[4]})  # the last planned epoch always commits
+    assert read_checkpoint_meta(run.last)["epoch"] == 5
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run.path / "log.csv"))] == [1, 2, 3, 4, 5]
+    state = json.loads((run.path / "state.json").read_text())
+    assert state["epochs_done"] == 5 and state["best_epoch"] == 2
+    best, meta = load_checkpoint(run.best)
+    assert meta["epoch"] == 2
+    np.testing.assert_allclose(best.predict(probe, verbose=0), expected_best, rtol=1e-6, atol=1e-6)
+    # best.keras is for inference: no optimizer state (Adam's two moments make last.keras about 3x larger).
+    assert getattr(best, "optimizer", None) is None
+    assert _optimizer_arrays(run.best) == 0 and _optimizer_arrays(run.last) > 0
+    assert hidden(run.path) == []
+
+
+def test_time_limit_and_early_stop_commit_what_is_pending(tmp_path):
+    from fcn_cli.runs import read_checkpoint_meta
+
+    recorder, run, net = _recorder(tmp_path, checkpoint_overhead=0.05)
+    _epoch(recorder, 0, [2.0], GOOD)
+    recorder._commit_s = 1e6
+    _epoch(recorder, 1, [2.0], {**GOOD, "val_miou": 0.4})
+    assert read_checkpoint_meta(run.last)["epoch"] == 1
+    recorder.on_train_end()  # fit ended early (e.g. stop_training): pending epochs are written
+    assert read_checkpoint_meta(run.last)["epoch"] == 2 and read_checkpoint_meta(run.best)["epoch"] == 2
+    recorder.cfg.time_limit = 1e-6
+    _epoch(recorder, 2, [2.0], GOOD)
+    assert net.stop_training and read_checkpoint_meta(run.last)["epoch"] == 3
 
 
 @pytest.mark.slow
