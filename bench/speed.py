@@ -501,6 +501,8 @@ def part_epochs(args, sizes) -> dict:
         shutil.rmtree(out_dir, ignore_errors=True)
     epochs = []
     for r in rows:
+        if not r.get("images_per_s"):
+            continue
         train_s = steps * batch / r["images_per_s"]
         epochs.append({"epoch": r["epoch"], "seconds_train_and_val": r["seconds"], "train_part_s": round(train_s, 2),
                        "validation_s": round(r["seconds"] - train_s, 2), "train_part_images_per_s": r["images_per_s"]})
@@ -517,8 +519,9 @@ def part_epochs(args, sizes) -> dict:
         "whole_run_images_per_s_excluding_validation": round(images / (result.seconds - val_s), 3),
         "whole_run_images_per_s": round(images / result.seconds, 3),
         "how": "fcn_cli.train.train (what `fcn train` runs) on the CamVid folder; per-epoch rows from log.csv; "
-               "commit_and_callback_s = fit wall - sum of epoch (train + validation) seconds; the whole-run "
-               "figure counts every second of fit() except the validation passes (first epoch's tracing included)",
+               "commit_and_callback_s = fit wall - sum of epoch (train + validation) seconds: commits, callbacks "
+               "and fit's own set-up; the whole-run figure counts every second of fit() except the validation "
+               "passes (first epoch's tracing included). No --jit here: fcn train has no XLA switch",
     }
 
 

@@ -86,6 +86,11 @@ def parse_size(text: str, flag: str = "--image-size") -> tuple[int, int]:
     return h, w
 
 
+def _size_needs_resize(image_size, mode) -> None:
+    if image_size and mode.value != "resize":
+        raise FcnError(f"--image-size {image_size}: only resize mode resizes photos; drop it or use --mode resize")
+
+
 def parse_range(text: str, flag: str) -> tuple[float, float]:
     try:
         parts = [float(v) for v in text.split(",")]
@@ -215,6 +220,7 @@ def evaluate(
 
     if not data.exists():
         raise FcnError(f"{data}: data folder not found; pass --data DIR (see `fcn data --help`)")
+    _size_needs_resize(image_size, mode)
     path = resolve_model_path(model, models_dir)
     run_evaluation(path, data, split=split, classes_file=classes, json_path=json_out, mode=mode.value,
                    batch_size=batch_size, console=_console(), flip=flip_tta,
@@ -242,6 +248,7 @@ def predict(
     from fcn_cli.predict import predict as run_prediction
     from fcn_cli.runs import resolve_model_path
 
+    _size_needs_resize(image_size, mode)
     path = resolve_model_path(model, models_dir)
     result = run_prediction(inputs, str(output) if output else None, path, classes_file=classes, mode=mode.value,
                             overlay=overlay, legend=legend, raw=raw, overwrite=overwrite, batch_size=batch_size,

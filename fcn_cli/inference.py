@@ -57,8 +57,8 @@ def load_for_inference(model_path: str | Path, classes_file: str | Path | None =
     if classes_file is not None:
         classes = load_classes(classes_file)
         model, meta = load_checkpoint(path, num_classes=classes.num_classes)
-        return model, classes, meta_image_size(meta), meta
-    model, meta = load_checkpoint(path)
+        return _no_xla(model), classes, meta_image_size(meta), meta
+    model, meta = _no_xla_pair(load_checkpoint(path))
     embedded = meta.get("classes")
     if isinstance(embedded, dict):
         classes = ClassTable.from_dict(embedded, source=f"{path} (embedded class table)")
@@ -73,6 +73,18 @@ def load_for_inference(model_path: str | Path, classes_file: str | Path | None =
             "give the matching --classes file"
         )
     return model, classes, meta_image_size(meta), meta
+
+
+def _no_xla(model):
+    # Keras turns XLA on for uncompiled models when a GPU is visible; XLA compiles once per input
+    # shape, and photos of many sizes, edge tiles and last partial batches are many shapes.
+    model.jit_compile = False
+    return model
+
+
+def _no_xla_pair(loaded):
+    model, meta = loaded
+    return _no_xla(model), meta
 
 
 def meta_image_size(meta: dict) -> tuple[int, int] | None:

@@ -105,6 +105,11 @@ class MatmulConv2D(layers.Conv2D):
                 or self.data_format != "channels_last"):
             return super().convolution_op(inputs, kernel)
         kh, kw = self.kernel_size
+        compute_dtype = inputs.dtype
+        if (kh, kw) != (1, 1):
+            # Unfold in float32: the input gradient sums kh*kw window slices, which in bf16 would
+            # round after every add (Conv2D accumulates it once); the cast back is one cheap pass.
+            inputs = keras.ops.cast(inputs, "float32")
         if self.padding == "same":  # TensorFlow's SAME: the odd pixel of an even kernel goes after
             inputs = keras.ops.pad(inputs, [[0, 0], [(kh - 1) // 2, kh // 2], [(kw - 1) // 2, kw // 2], [0, 0]])
         if (kh, kw) != (1, 1):
@@ -114,6 +119,7 @@ class MatmulConv2D(layers.Conv2D):
             inputs = keras.ops.concatenate(
                 [inputs[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1
             )
+            inputs = keras.ops.cast(inputs, compute_dtype)
         flat_kernel = keras.ops.reshape(kernel, (kh * kw * kernel.shape[2], kernel.shape[3]))
         return keras.ops.tensordot(inputs, flat_kernel, axes=1)
 

@@ -146,6 +146,7 @@ def load_checkpoint(path: Path, num_classes: int | None = None, compile: bool = 
 
     import fcn_cli.metrics  # noqa: F401  registers the custom metrics a compiled checkpoint names
     import fcn_cli.model  # noqa: F401  registers MatmulConv2D (conv6/conv7)
+    import fcn_cli.optimizers  # noqa: F401  registers FusedAdam (the optimizer inside last.keras)
 
     path = Path(path)
     meta = read_checkpoint_meta(path)

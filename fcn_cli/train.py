@@ -63,6 +63,8 @@ class TrainConfig:
         known["scale"] = tuple(known.get("scale", (1.0, 1.0)))
         if known.get("eval_size"):
             known["eval_size"] = tuple(known["eval_size"])
+        elif "eval_size" not in data:  # a run from before inference sizes: it validated at image_size
+            known["eval_size"] = known["image_size"]
         return cls(**known)
 
 
@@ -255,7 +257,7 @@ def train(cfg: TrainConfig, console=None, resume: str | None = None) -> TrainRes
     console = console or Console()
     if resume is not None:
         run_path = Path(resume)
-        saved = RunFolder.open(run_path).read_config()
+        saved = RunFolder(run_path).read_config()
         epochs = cfg.epochs if cfg.extra.get("epochs_given") else saved.get("epochs")
         cfg = TrainConfig.from_json({**saved, "epochs": epochs})
 
@@ -392,6 +394,12 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
             raise FcnError(f"{source.last}: no checkpoint to resume from; start a new run")
         state["epochs_done"] = int(read_checkpoint_meta(source.last).get("epoch", state["epochs_done"]))
         rows = [r for r in source.read_log() if r["epoch"] <= state["epochs_done"]]
+        # best.keras is the record of the best: a kill between the state and its write must not
+        # leave a best score whose weights were never saved.
+        best_meta = read_checkpoint_meta(source.best) if source.best.exists() else {}
+        best_miou = best_meta.get("val_miou")
+        state["best_miou"] = float(best_miou) if isinstance(best_miou, (int, float)) else None
+        state["best_epoch"] = best_meta.get("epoch") if state["best_miou"] is not None else None
     with strategy.scope():
         if resuming:
             model, _ = load_checkpoint(source.last, classes.num_classes, compile=True)
@@ -433,6 +441,9 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
             progress.stop()
             from fcn_cli.pipeline import streaming_error
 
+            if not recorder.diverged:  # keep the epochs finished since the last commit
+                recorder.commit(model, checkpoint_meta(cfg, classes, precision, recorder.state["epochs_done"], None))
+
             raise (streaming_error(exc) or FcnError(
                 f"{cfg.data}: reading the data failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}); "
                 f"run `fcn data check {cfg.data}`"
@@ -440,9 +451,12 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
         except KeyboardInterrupt:
             interrupted = True
             progress.stop()
-            # Mid-epoch weights go to last.keras; the log and state still say the last finished epoch.
-            recorder.commit(model, checkpoint_meta(cfg, classes, precision, recorder.state["epochs_done"], None))
-            console.print(f"[yellow]interrupted[/]: saved {run.last}; continue with `fcn train --resume {run.path}`")
+            if recorder.diverged:
+                recorder.commit_best_only()  # the live model is the diverged one: never save it
+            else:
+                # Mid-epoch weights go to last.keras; the log and state say the last finished epoch.
+                recorder.commit(model, checkpoint_meta(cfg, classes, precision, recorder.state["epochs_done"], None))
+                console.print(f"[yellow]interrupted[/]: saved {run.last}; continue with `fcn train --resume {run.path}`")
     progress.stop()
     if recorder.diverged:
         raise FcnError(
@@ -540,6 +554,16 @@ class EpochRecorder(_keras_callback_base()):
         self._commit_s = None
         self._committed_at = time.perf_counter()
 
+    def on_train_begin(self, logs=None):
+        import keras
+
+        # Made here, where every worker of a distributed run is in step (variables are created in
+        # the strategy's scope); from the config, not keras.models.clone_model: a clone of a
+        # compiled model is compiled too, and its optimizer state would end up in best.keras.
+        if self._twin is None:
+            with self.strategy.scope() if self.strategy is not None else _null_context():
+                self._twin = keras.Model.from_config(self.model.get_config())
+
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
         self._images = 0
@@ -555,7 +579,7 @@ class EpochRecorder(_keras_callback_base()):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.diverged:
-            self._commit_best_only()
+            self.commit_best_only()
             return  # never let a NaN model replace the last good checkpoint
         logs = logs or {}
         # The last batch's update can blow the weights up after every batch loss was finite:
@@ -565,7 +589,7 @@ class EpochRecorder(_keras_callback_base()):
             if value is not None and not math.isfinite(float(value)):
                 self.diverged = (epoch + 1, float(value))
                 self.model.stop_training = True
-                self._commit_best_only()
+                self.commit_best_only()
                 return
         seconds = time.perf_counter() - self._t0
         miou = float(logs.get("val_miou", float("nan")))
@@ -583,8 +607,8 @@ class EpochRecorder(_keras_callback_base()):
         self._meta = checkpoint_meta(self.cfg, self.classes, self.precision, epoch + 1, miou)
         best = self.state["best_miou"]
         if math.isfinite(miou) and (best is None or miou > best):
-            self.state.update(best_miou=miou, best_epoch=epoch + 1)
             self._hold_best(self._meta)
+            self.state.update(best_miou=miou, best_epoch=epoch + 1)
         self.state["epochs_done"] = epoch + 1
         self.rows.append(row)
         stopping = bool(self.cfg.time_limit) and self._would_overrun(seconds)
@@ -605,13 +629,9 @@ class EpochRecorder(_keras_callback_base()):
         return self._commit_s <= self.cfg.checkpoint_overhead * (since + self._commit_s)
 
     def _hold_best(self, meta: dict) -> None:
-        import keras
-
-        if self._twin is None:
-            # From the config, not keras.models.clone_model: a clone of a compiled model is compiled
-            # too, and its optimizer state would double the memory and end up in best.keras.
-            with self.strategy.scope() if self.strategy is not None else _null_context():
-                self._twin = keras.Model.from_config(self.model.get_config())
+        if self._twin is None:  # driven without fit() (tests)
+            self.on_train_begin()
+        self._best_meta = None  # an interrupted copy must never be written as a best
         for dst, src in zip(self._twin.weights, self.model.weights):
             dst.assign(src)
         self._best_meta = meta
@@ -623,12 +643,12 @@ class EpochRecorder(_keras_callback_base()):
         meta = meta or self._meta
         self.run.end_epoch(model, meta, self.rows, self.state)
         self._meta = None
-        self._commit_best_only()
+        self.commit_best_only()
         self.run.plot_curves(self.rows)
         self._committed_at = time.perf_counter()
         self._commit_s = self._committed_at - started
 
-    def _commit_best_only(self) -> None:
+    def commit_best_only(self) -> None:
         if self._best_meta is None:
             return
         self.run.save_checkpoint(self._twin, "best", self._best_meta)

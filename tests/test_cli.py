@@ -154,6 +154,32 @@ def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_resume_finishes(data
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
 
 
+def test_ctrl_c_saves_a_consistent_run_and_resume_finishes(data_dir, tmp_path):
+    from fcn_cli.runs import load_checkpoint
+
+    out = tmp_path / "models"
+    args = [sys.executable, "-m", "fcn_cli", "train", "--data", str(data_dir), "--epochs", "4", "--out", str(out),
+            *TINY[:-6], "--image-size", "128x128", "--batch-size", "2", "--precision", "float32"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out.exists() and list(out.glob("*/log.csv"))):
+        time.sleep(0.2)
+    time.sleep(0.5)  # into the second epoch
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stdout and "--resume" in stdout and "Traceback" not in stderr
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    # The commit on Ctrl-C: mid-epoch weights in last.keras, labelled with the last finished epoch,
+    # which the log and the state agree on.
+    _, meta = load_checkpoint(run / "last.keras", num_classes=12)
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    state = json.loads((run / "state.json").read_text())
+    assert meta["epoch"] == state["epochs_done"] == len(rows) >= 1
+    fcn("train", "--resume", run, check=0)
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "log.csv"))] == [1, 2, 3, 4]
+
+
 def _one_line_error(proc, *needles):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]

@@ -289,3 +289,32 @@ def test_a_fresh_process_loads_the_head_through_load_checkpoint(tmp_path):
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("MatmulConv2D")
+
+
+def test_matmul_conv_in_bf16_is_as_accurate_as_conv2d():
+    import tensorflow as tf
+
+    from fcn_cli.model import MatmulConv2D
+
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=(2, 7, 7, 64)).astype("float32"))
+    exact = keras.layers.Conv2D(32, 7, padding="same")
+    exact(x)
+    weights = exact.get_weights()
+
+    def value_and_input_grad(layer):
+        layer(x)
+        layer.set_weights(weights)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(layer(x), tf.float32)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        return y.numpy(), tape.gradient(loss, x).numpy()
+
+    ref_y, ref_g = value_and_input_grad(exact)
+    errors = {}
+    for cls in (keras.layers.Conv2D, MatmulConv2D):
+        y, g = value_and_input_grad(cls(32, 7, padding="same", dtype="mixed_bfloat16"))
+        errors[cls.__name__] = (np.abs(y - ref_y).max() / np.abs(ref_y).max(), np.abs(g - ref_g).max() / np.abs(ref_g).max())
+    conv, fast = errors["Conv2D"], errors["MatmulConv2D"]
+    assert fast[0] < 2 * conv[0] + 1e-3 and fast[1] < 2 * conv[1] + 1e-3, errors
