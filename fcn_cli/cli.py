@@ -218,9 +218,9 @@ def evaluate(
     from fcn_cli.evaluate import evaluate as run_evaluation
     from fcn_cli.runs import resolve_model_path
 
+    _size_needs_resize(image_size, mode)
     if not data.exists():
         raise FcnError(f"{data}: data folder not found; pass --data DIR (see `fcn data --help`)")
-    _size_needs_resize(image_size, mode)
     path = resolve_model_path(model, models_dir)
     run_evaluation(path, data, split=split, classes_file=classes, json_path=json_out, mode=mode.value,
                    batch_size=batch_size, console=_console(), flip=flip_tta,

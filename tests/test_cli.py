@@ -94,6 +94,8 @@ def test_evaluate_json_has_every_metric_in_unit_range(trained, data_dir, tmp_pat
     assert json.loads(report.read_text())["image_size"] == [96, 128]
     bad = fcn("evaluate", "--data", data_dir, "--models-dir", out, "--image-size", "96by128", check=2)
     assert "--image-size" in bad.stderr and "Traceback" not in bad.stderr
+    native = fcn("evaluate", "--data", data_dir, "--models-dir", out, "--image-size", "96x128", "--mode", "native", check=2)
+    assert "resize mode" in native.stderr and "Traceback" not in native.stderr
 
 
 def test_predict_any_size_gives_palette_mask_of_input_size(trained, tmp_path):
