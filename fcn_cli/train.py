@@ -159,7 +159,9 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     else:
         raise FcnError(f"unknown --schedule {cfg.schedule!r}; choose constant, poly or cosine")
     if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
+        from fcn_cli.optimizers import FusedAdam
+
+        return FusedAdam(lr)  # Keras's Adam in one kernel per variable (bench/NOTES.md)
     if cfg.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9)
     raise FcnError(f"unknown --optimizer {cfg.optimizer!r}; choose adam or sgd")
