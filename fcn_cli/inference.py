@@ -379,14 +379,20 @@ class _Runner:
         step = self._per_pass(h * w)
         for start in range(0, len(members), step):
             chunk = members[start : start + step]
+            # A photo already at the inference size skips both resizes (they would be identities).
             batch = np.stack([
-                tf.image.resize(window[i][1], (h, w), method="bilinear", antialias=False).numpy()
+                window[i][1].astype(np.float32) if window[i][1].shape[:2] == (h, w)
+                else tf.image.resize(window[i][1], (h, w), method="bilinear", antialias=False).numpy()
                 for i in chunk
             ])
             logits = self.forward(batch)
             for i, lg in zip(chunk, logits):
                 native = window[i][1].shape[:2]
                 sink = _Sink(native, lg.shape[-1], self.output)
+                if native == (h, w):
+                    sink.put(0, lg)
+                    results[i] = sink.out
+                    continue
                 up = _Upsampler(lg, native)
                 rows = _band_rows(native[1], lg.shape[-1])
                 for y0 in range(0, native[0], rows):
