@@ -7,6 +7,7 @@ one CPU, several GPUs and several machines.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -444,7 +445,7 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
             from fcn_cli.pipeline import streaming_error
 
             if not recorder.diverged:  # keep the epochs finished since the last commit
-                recorder.commit(model, checkpoint_meta(cfg, classes, precision, recorder.state["epochs_done"], None))
+                recorder.commit_mid_epoch(model)
 
             raise (streaming_error(exc) or FcnError(
                 f"{cfg.data}: reading the data failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}); "
@@ -456,8 +457,7 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
             if recorder.diverged:
                 recorder.commit_best_only()  # the live model is the diverged one: never save it
             else:
-                # Mid-epoch weights go to last.keras; the log and state say the last finished epoch.
-                recorder.commit(model, checkpoint_meta(cfg, classes, precision, recorder.state["epochs_done"], None))
+                recorder.commit_mid_epoch(model)
                 console.print(f"[yellow]interrupted[/]: saved {run.last}; continue with `fcn train --resume {run.path}`")
     progress.stop()
     if recorder.diverged:
@@ -563,7 +563,7 @@ class EpochRecorder(_keras_callback_base()):
         # the strategy's scope); from the config, not keras.models.clone_model: a clone of a
         # compiled model is compiled too, and its optimizer state would end up in best.keras.
         if self._twin is None:
-            with self.strategy.scope() if self.strategy is not None else _null_context():
+            with self.strategy.scope() if self.strategy is not None else contextlib.nullcontext():
                 self._twin = keras.Model.from_config(self.model.get_config())
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -650,6 +650,11 @@ class EpochRecorder(_keras_callback_base()):
         self._committed_at = time.perf_counter()
         self._commit_s = self._committed_at - started
 
+    def commit_mid_epoch(self, model) -> None:
+        """Commit after an interruption: mid-epoch weights go to last.keras, labelled (like the log
+        and the state) with the last finished epoch."""
+        self.commit(model, checkpoint_meta(self.cfg, self.classes, self.precision, self.state["epochs_done"], None))
+
     def commit_best_only(self) -> None:
         if self._best_meta is None:
             return
@@ -660,12 +665,6 @@ class EpochRecorder(_keras_callback_base()):
     def _would_overrun(self, last_epoch_seconds: float) -> bool:
         elapsed = time.perf_counter() - self._started
         return elapsed + last_epoch_seconds > self.cfg.time_limit * 60
-
-
-def _null_context():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _current_lr(model) -> float:
