@@ -57,34 +57,25 @@ def load_for_inference(model_path: str | Path, classes_file: str | Path | None =
     if classes_file is not None:
         classes = load_classes(classes_file)
         model, meta = load_checkpoint(path, num_classes=classes.num_classes)
-        return _no_xla(model), classes, meta_image_size(meta), meta
-    model, meta = _no_xla_pair(load_checkpoint(path))
-    embedded = meta.get("classes")
-    if isinstance(embedded, dict):
-        classes = ClassTable.from_dict(embedded, source=f"{path} (embedded class table)")
-        origin = "its embedded class table"
     else:
-        classes = CAMVID
-        origin = "CamVid's class table (the checkpoint records none)"
-    outputs = model.output_shape[-1]
-    if outputs != classes.num_classes:
-        raise FcnError(
-            f"{path}: model predicts {outputs} classes but {origin} has {classes.num_classes}; "
-            "give the matching --classes file"
-        )
-    return model, classes, meta_image_size(meta), meta
-
-
-def _no_xla(model):
+        model, meta = load_checkpoint(path)
+        embedded = meta.get("classes")
+        if isinstance(embedded, dict):
+            classes = ClassTable.from_dict(embedded, source=f"{path} (embedded class table)")
+            origin = "its embedded class table"
+        else:
+            classes = CAMVID
+            origin = "CamVid's class table (the checkpoint records none)"
+        outputs = model.output_shape[-1]
+        if outputs != classes.num_classes:
+            raise FcnError(
+                f"{path}: model predicts {outputs} classes but {origin} has {classes.num_classes}; "
+                "give the matching --classes file"
+            )
     # Keras turns XLA on for uncompiled models when a GPU is visible; XLA compiles once per input
     # shape, and photos of many sizes, edge tiles and last partial batches are many shapes.
     model.jit_compile = False
-    return model
-
-
-def _no_xla_pair(loaded):
-    model, meta = loaded
-    return _no_xla(model), meta
+    return model, classes, meta_image_size(meta), meta
 
 
 def meta_image_size(meta: dict) -> tuple[int, int] | None:

@@ -105,21 +105,17 @@ class MatmulConv2D(layers.Conv2D):
                 or self.data_format != "channels_last"):
             return super().convolution_op(inputs, kernel)
         kh, kw = self.kernel_size
-        compute_dtype = inputs.dtype
-        if (kh, kw) != (1, 1):
+        if (kh, kw) != (1, 1):  # a 1x1 kernel's windows are the pixels themselves (and SAME pads nothing)
             # Unfold in float32: the input gradient sums kh*kw window slices, which in bf16 would
             # round after every add (Conv2D accumulates it once); the cast back is one cheap pass.
-            inputs = keras.ops.cast(inputs, "float32")
-        if self.padding == "same":  # TensorFlow's SAME: the odd pixel of an even kernel goes after
-            inputs = keras.ops.pad(inputs, [[0, 0], [(kh - 1) // 2, kh // 2], [(kw - 1) // 2, kw // 2], [0, 0]])
-        if (kh, kw) != (1, 1):
-            shape = keras.ops.shape(inputs)
+            x = keras.ops.cast(inputs, "float32")
+            if self.padding == "same":  # TensorFlow's SAME: the odd pixel of an even kernel goes after
+                x = keras.ops.pad(x, [[0, 0], [(kh - 1) // 2, kh // 2], [(kw - 1) // 2, kw // 2], [0, 0]])
+            shape = keras.ops.shape(x)
             oh, ow = shape[1] - kh + 1, shape[2] - kw + 1
             # Window (i, j) first, channels inside it: the row-major order of kernel.reshape(kh * kw * in, out).
-            inputs = keras.ops.concatenate(
-                [inputs[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1
-            )
-            inputs = keras.ops.cast(inputs, compute_dtype)
+            x = keras.ops.concatenate([x[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
+            inputs = keras.ops.cast(x, inputs.dtype)
         flat_kernel = keras.ops.reshape(kernel, (kh * kw * kernel.shape[2], kernel.shape[3]))
         return keras.ops.tensordot(inputs, flat_kernel, axes=1)
 

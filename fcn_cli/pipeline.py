@@ -367,7 +367,6 @@ def _batched(dataset, batch_size: int, drop_remainder: bool = False):
     return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
-
 def training_dataset(
     pairs: Sequence[Pair],
     classes: ClassTable,

@@ -305,12 +305,10 @@ def prepare_data(cfg: TrainConfig, console, strategy=None) -> _Data:
             f"{data_dir}: data folder not found; get CamVid with `fcn data download camvid --dir {data_dir}` "
             "or make a demo set with `fcn data synthetic DIR` and pass --data DIR"
         )
-    h, w = cfg.image_size
-    if h % 32 or w % 32 or h < 32 or w < 32:
-        raise FcnError(f"--image-size {h}x{w}: height and width must be multiples of 32 (e.g. 224x224, 352x480)")
-    eh, ew = val_size = inference_size(cfg)
-    if eh % 32 or ew % 32 or eh < 32 or ew < 32:
-        raise FcnError(f"--eval-size {eh}x{ew}: height and width must be multiples of 32 (e.g. 224x288)")
+    val_size = inference_size(cfg)
+    for flag, (h, w), examples in (("--image-size", cfg.image_size, "224x224, 352x480"), ("--eval-size", val_size, "224x288")):
+        if h % 32 or w % 32 or h < 32 or w < 32:
+            raise FcnError(f"{flag} {h}x{w}: height and width must be multiples of 32 (e.g. {examples})")
     augment = pipeline.Augment(flip=cfg.flip, scale=tuple(cfg.scale), jitter=cfg.jitter)
     if shards.is_shard_folder(data_dir):
         train_ds, val_ds, n_train, n_val, weights = _shard_datasets(cfg, classes, data_dir, augment, val_size)
