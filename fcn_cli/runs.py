@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fcn_cli.errors import FcnError
 from fcn_cli.images import _umask_mode, atomic_write_bytes
+from fcn_cli.keras_file import save_keras
 
 META_ENTRY = "fcn.json"
 LOG_FIELDS = ("epoch", "loss", "val_loss", "val_pixel_accuracy", "val_miou", "lr", "seconds", "images_per_s")
@@ -85,9 +86,7 @@ def prepare_checkpoint(model, path: Path, meta: dict) -> Path:
             os.fchmod(fd, _umask_mode())
         finally:
             os.close(fd)
-        model.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as zf:
-            zf.writestr(META_ENTRY, json.dumps(meta, indent=2, sort_keys=True))
+        save_keras(model, tmp, {META_ENTRY: json.dumps(meta, indent=2, sort_keys=True).encode()})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         return Path(tmp)
@@ -140,18 +139,28 @@ def read_checkpoint_meta(path: Path) -> dict:
         raise FcnError(f"{path}: cannot read checkpoint ({exc})") from None
 
 
-def load_checkpoint(path: Path, num_classes: int | None = None, compile: bool = False):
-    """(model, meta) from a .keras file, in Keras safe mode: no code inside the file is run."""
+def load_checkpoint(path: Path, num_classes: int | None = None, compile: bool = False, for_inference: bool = False):
+    """(model, meta) from a .keras file, in Keras safe mode: no code inside the file is run.
+
+    ``for_inference``: the model is built from :func:`fcn_cli.model.serving_config` (weights in the
+    compute dtype, head kernels in the product's fast layout), with identical outputs.
+    """
     import keras
 
     import fcn_cli.metrics  # noqa: F401  registers the custom metrics a compiled checkpoint names
-    import fcn_cli.model  # noqa: F401  registers MatmulConv2D (conv6/conv7)
+    import fcn_cli.model  # registers MatmulConv2D (conv6/conv7); serving_config
     import fcn_cli.optimizers  # noqa: F401  registers FusedAdam (the optimizer inside last.keras)
 
     path = Path(path)
     meta = read_checkpoint_meta(path)
     try:
-        model = keras.saving.load_model(path, compile=compile, safe_mode=True)
+        if for_inference:
+            with zipfile.ZipFile(path) as zf:
+                config = fcn_cli.model.serving_config(json.loads(zf.read("config.json")))
+            model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+            model.load_weights(path)  # float32 values, cast into the compute-dtype variables
+        else:
+            model = keras.saving.load_model(path, compile=compile, safe_mode=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise FcnError(f"{path}: cannot load the model ({first}); give a checkpoint written by fcn train") from None

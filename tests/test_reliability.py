@@ -130,33 +130,34 @@ def small_set(tmp_path_factory):
 # =========================================================================== 1. atomic checkpoints
 
 
-class _FillsUp:
-    """A file whose writes fail with ENOSPC once ``limit`` bytes are in: a disk filling up mid-save."""
+def _fail_weights_midway(monkeypatch, final: Path):
+    """The weights stream into the temporary file; after 20 kB the disk is full."""
+    from fcn_cli import keras_file
 
-    def __init__(self, fh, limit: int):
-        self._fh, self._left = fh, limit
+    real_pwrite = keras_file.os.pwrite
+    seen = {"left": 20_000}
 
-    def write(self, data):
-        if len(data) > self._left:
-            self._fh.write(bytes(data[: self._left]))  # some bytes land, then the disk is full
-            self._left = 0
+    def pwrite(fd, data, offset):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        seen["path"] = path
+        assert path != final and path.parent == final.parent, "must save to a temporary file beside the target"
+        data = memoryview(data).cast("B")
+        if len(data) > seen["left"]:
+            real_pwrite(fd, data[: seen["left"]], offset)  # some bytes land, then the disk is full
+            seen["left"] = 0
             raise OSError(errno.ENOSPC, "No space left on device")
-        self._left -= len(data)
-        return self._fh.write(data)
+        seen["left"] -= len(data)
+        return real_pwrite(fd, data, offset)
 
-    def __getattr__(self, name):
-        return getattr(self._fh, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._fh.close()
+    monkeypatch.setattr(keras_file.os, "pwrite", pwrite)
+    return seen
 
 
-def _fail_model_save_midway(monkeypatch, final: Path):
-    """keras.Model.save writes part of a file, then the disk is full."""
+def _fail_keras_fallback_midway(monkeypatch, final: Path):
+    """A Keras whose internals moved: its own model.save writes part of a file, then the disk is full."""
     import keras
+
+    from fcn_cli import keras_file
 
     seen = {}
 
@@ -169,30 +170,12 @@ def _fail_model_save_midway(monkeypatch, final: Path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(keras.Model, "save", partial_save)
-    return seen
-
-
-def _fail_inside_keras(monkeypatch, final: Path):
-    """The real Keras saver, writing through a file that fills up after 20 kB."""
-    saving_lib = pytest.importorskip("keras.src.saving.saving_lib")
-    import builtins
-
-    real_open = builtins.open
-    seen = {"injected": False}
-
-    def open_that_fills(path, mode="r", *args, **kwargs):
-        fh = real_open(path, mode, *args, **kwargs)
-        if "w" in mode and str(path).endswith(".keras"):
-            seen["injected"] = True
-            return _FillsUp(fh, 20_000)
-        return fh
-
-    monkeypatch.setattr(saving_lib, "open", open_that_fills, raising=False)  # the module's `open` lookup
+    monkeypatch.setattr("fcn_cli.runs.save_keras", keras_file._save_with_keras)
     return seen
 
 
 def _fail_metadata_append(monkeypatch, final: Path):
-    """Keras wrote a complete zip; appending fcn.json runs out of space."""
+    """The weights are in; adding fcn.json runs out of space."""
     real = zipfile.ZipFile.writestr
 
     def writestr(self, name, data, *args, **kwargs):
@@ -238,9 +221,9 @@ def _read_only_folder(monkeypatch, final: Path):
 
 
 FAILURES = {
-    "model.save writes half a file": (_fail_model_save_midway, "No space left on device"),
-    "disk fills inside the keras saver": (_fail_inside_keras, "No space left on device"),
-    "appending fcn.json fails": (_fail_metadata_append, "No space left on device"),
+    "disk fills while the weights stream out": (_fail_weights_midway, "No space left on device"),
+    "Keras's own saver (fallback) writes half a file": (_fail_keras_fallback_midway, "No space left on device"),
+    "adding fcn.json fails": (_fail_metadata_append, "No space left on device"),
     "fsync fails": (_fail_fsync, "No space left on device"),
     "rename refused": (_fail_rename, "Permission denied"),
     "read-only folder": (_read_only_folder, "Read-only file system"),
@@ -271,8 +254,6 @@ def test_failed_checkpoint_write_keeps_the_previous_one_intact(failure, previous
     except FcnError as exc:
         message = str(exc)
     else:
-        if seen.get("injected") is False:
-            pytest.skip("this Keras version no longer opens the file through saving_lib.open; nothing was injected")
         pytest.fail("the failed write was not reported")
     finally:
         monkeypatch.undo()
@@ -287,17 +268,19 @@ def test_failed_checkpoint_write_keeps_the_previous_one_intact(failure, previous
 
 
 def test_interrupt_during_checkpoint_write_keeps_the_previous_one(previous, monkeypatch):
-    import keras
-
     from fcn_cli.runs import save_checkpoint
 
     path, before = previous
 
-    def interrupted(self, filepath, *args, **kwargs):
-        Path(filepath).write_bytes(b"PK\x03\x04 half")
+    from fcn_cli import keras_file
+
+    real_crc = keras_file._crc32
+
+    def interrupted(fd, start, size):  # Ctrl-C after the weights are out, before the zip is closed
+        real_crc(fd, start, size)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(keras.Model, "save", interrupted)
+    monkeypatch.setattr(keras_file, "_crc32", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tiny_model(seed=1), path, META)
     assert path.read_bytes() == before
