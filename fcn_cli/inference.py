@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,9 @@ def load_for_inference(model_path: str | Path, classes_file: str | Path | None =
     path = Path(model_path)
     if classes_file is not None:
         classes = load_classes(classes_file)
-        model, meta = load_checkpoint(path, num_classes=classes.num_classes)
+        model, meta = load_checkpoint(path, num_classes=classes.num_classes, for_inference=True)
     else:
-        model, meta = load_checkpoint(path)
+        model, meta = load_checkpoint(path, for_inference=True)
         embedded = meta.get("classes")
         if isinstance(embedded, dict):
             classes = ClassTable.from_dict(embedded, source=f"{path} (embedded class table)")
@@ -276,6 +277,25 @@ def _band_rows(width: int, channels: int) -> int:
 
 # --------------------------------------------------------------------------- the runner
 
+_LABEL_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def labels_model(model):
+    """The same network (shared weights) with the argmax over classes as its output, one per model
+    (its compiled forward is traced once); None for a model that is not a graph of layers (a
+    subclassed model), which then argmaxes in numpy."""
+    if model not in _LABEL_MODELS:
+        import keras
+
+        try:
+            argmax = keras.Model(model.inputs, keras.ops.argmax(model.outputs[0], axis=-1))
+            argmax.jit_compile = model.jit_compile
+        except (AttributeError, ValueError, TypeError):
+            argmax = None
+        _LABEL_MODELS[model] = argmax
+    return _LABEL_MODELS[model]
+
+
 
 def _checked(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
@@ -297,7 +317,8 @@ class _Sink:
             self.out = np.empty(hw, np.uint8 if channels <= 256 else np.uint16)
 
     def put(self, y0: int, band: np.ndarray) -> None:
-        if self.output == "logits":
+        """``band``: (rows, W, C) logits, or (rows, W) class indices already (see _Runner.forward)."""
+        if self.output == "logits" or band.ndim == 2:
             self.out[y0 : y0 + band.shape[0]] = band
         else:
             self.out[y0 : y0 + band.shape[0]] = np.argmax(band, axis=-1)
@@ -315,24 +336,29 @@ class _Runner:
         self.tile = max(MULTIPLE, int(tile) // MULTIPLE * MULTIPLE)
         overlap = -(-max(0, int(overlap)) // MULTIPLE) * MULTIPLE
         self.overlap = min(overlap, self.tile - MULTIPLE)
+        self.channels = int(model.output_shape[-1])
 
     # one forward pass ---------------------------------------------------------------------
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) -> (B, H, W, C) float32 logits, for any H, W (padded to 32 and cropped back)."""
+    def forward(self, batch: np.ndarray, labels: bool = False) -> np.ndarray:
+        """(B, H, W, 3) -> (B, H, W, C) float32 logits, or with ``labels`` (B, H, W) class indices,
+        for any H, W (padded to 32 and cropped back)."""
         from fcn_cli.model import crop_to, pad_to_multiple
 
-        def run(images):
+        def run(images, model):
             padded, hw = pad_to_multiple(images, MULTIPLE)
             # predict_on_batch runs a compiled forward (tf.function / jax.jit, shapes relaxed after a
             # retrace): graph-level fusions and no per-layer Python, 15% faster than eager here.
-            out = self.model.predict_on_batch(np.asarray(padded, np.float32))
-            return crop_to(np.asarray(out, np.float32), hw)
+            return crop_to(np.asarray(model.predict_on_batch(np.asarray(padded, np.float32))), hw)
 
-        logits = run(batch)
+        argmax = labels_model(self.model) if labels and not self.flip else None
+        if argmax is not None:
+            # The argmax inside the compiled forward: 12x less to copy out, no numpy pass (3% at 224x224).
+            return run(batch, argmax)
+        logits = run(batch, self.model).astype(np.float32, copy=False)
         if self.flip:
             # Mirror in, mirror back: road scenes are left-right symmetric, so the two views agree in kind.
-            logits = 0.5 * (logits + run(batch[:, :, ::-1])[:, :, ::-1])
-        return logits
+            logits = 0.5 * (logits + run(batch[:, :, ::-1], self.model)[:, :, ::-1])
+        return np.argmax(logits, axis=-1) if labels else logits
 
     def _per_pass(self, pixels: int) -> int:
         return max(1, min(self.batch_size, self.budget // max(1, pixels)))
@@ -355,10 +381,10 @@ class _Runner:
                 step = self._per_pass(padded_px)
                 for start in range(0, len(members), step):
                     chunk = members[start : start + step]
-                    logits = self.forward(np.stack([window[i][1] for i in chunk]))
-                    for i, lg in zip(chunk, logits):
-                        sink = _Sink((h, w), lg.shape[-1], self.output)
-                        sink.put(0, lg)
+                    outs = self.forward(np.stack([window[i][1] for i in chunk]), labels=self.output == "labels")
+                    for i, out in zip(chunk, outs):
+                        sink = _Sink((h, w), self.channels, self.output)
+                        sink.put(0, out)
                         results[i] = sink.out
         for i, (key, _) in enumerate(window):
             yield key, results.pop(i)
@@ -376,10 +402,12 @@ class _Runner:
                 else tf.image.resize(window[i][1], (h, w), method="bilinear", antialias=False).numpy()
                 for i in chunk
             ])
-            logits = self.forward(batch)
-            for i, lg in zip(chunk, logits):
+            # Class indices straight from the network when no photo needs its logits resized back.
+            direct = self.output == "labels" and all(window[i][1].shape[:2] == (h, w) for i in chunk)
+            outs = self.forward(batch, labels=direct)
+            for i, lg in zip(chunk, outs):
                 native = window[i][1].shape[:2]
-                sink = _Sink(native, lg.shape[-1], self.output)
+                sink = _Sink(native, self.channels, self.output)
                 if native == (h, w):
                     sink.put(0, lg)
                     results[i] = sink.out
