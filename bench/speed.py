@@ -347,6 +347,15 @@ def _predict_path(tf, model, image_size):
     return call, f"fcn_cli.inference.predict_batch(mode={PREDICT_MODE!r}, output='labels', batch_size=batch)"
 
 
+def _served_model(model, best: str):
+    """(model, description): best.keras as `fcn predict` loads it, or the trained model itself."""
+    try:
+        from fcn_cli.inference import load_for_inference
+    except ImportError as exc:
+        return model, f"the trained model in memory (fcn_cli.inference: {exc})"
+    return load_for_inference(Path(best))[0], "fcn_cli.inference.load_for_inference(best.keras)"
+
+
 def plain_keras_layers(keras, model):
     """The same network with stock Conv2D for conv6/conv7: what the design notes build (fcn's
     MatmulConv2D computes the same function through one matrix product, see fcn_cli.model)."""
@@ -434,6 +443,32 @@ def part_train(args, sizes) -> dict:
     }
     out["peak_rss_mib_after_train"] = peak_rss_mib()
 
+    def save_checkpoints() -> dict:
+        """What `fcn train` writes: last.keras, the compiled model with its optimizer state (for --resume),
+        and best.keras, an uncompiled copy of the weights (what evaluate / predict load)."""
+        from fcn_cli.runs import save_checkpoint
+
+        meta = {"variant": "fcn8", "classes": CAMVID.to_dict(), "image_size": [size, size]}
+        if args.save_checkpoint:
+            best = Path(args.save_checkpoint)
+        else:
+            best = Path(tempfile.mkdtemp(prefix="fcn-bench-ckpt-")) / "best.keras"
+        last = best.with_name("last.keras")
+        started = time.perf_counter()
+        save_checkpoint(model, last, meta)
+        last_s = time.perf_counter() - started
+        twin = keras.Model.from_config(model.get_config())  # uncompiled, as fcn train's best-weights twin
+        twin.set_weights(model.get_weights())
+        started = time.perf_counter()
+        save_checkpoint(twin, best, meta)
+        record = {
+            "last": {"save_s": round(last_s, 3), "bytes": last.stat().st_size, "with_optimizer_state": True},
+            "best": {"path": str(best), "save_s": round(time.perf_counter() - started, 3),
+                     "bytes": best.stat().st_size, "with_optimizer_state": False},
+        }
+        last.unlink()
+        return record
+
     # Inference on the same batches.
     def timed_inference(call, path):
         times = timed_calls(call, sizes["infer_warmup"], sizes["infer_repeats"])
@@ -443,38 +478,22 @@ def part_train(args, sizes) -> dict:
                 "gflops": round(flops * batch / t / 1e9, 2)}
 
     if args.flavor == "product":
-        predict, path = _predict_path(tf, model, (size, size))
+        # `fcn predict` runs the model as fcn_cli.inference.load_for_inference loads it from best.keras.
+        out["checkpoint"] = save_checkpoints()
+        served, load_path = _served_model(model, out["checkpoint"]["best"]["path"])
+        predict, path = _predict_path(tf, served, (size, size))
         photos = list(images[0].astype(np.uint8))
-        out["inference"] = timed_inference(lambda: predict(photos), path)
+        out["inference"] = timed_inference(lambda: predict(photos), f"{load_path}, then {path}")
         # Lever: the same network through one compiled (tf.function) forward, no resize / host-side argmax.
-        forward = _compiled_forward(tf, model)
+        forward = _compiled_forward(tf, served)
         out["inference_compiled_forward"] = timed_inference(
             lambda: forward(images[0]), "lever: tf.function(argmax(model(x, training=False)))")
+        if not args.save_checkpoint:
+            shutil.rmtree(Path(out["checkpoint"]["best"]["path"]).parent, ignore_errors=True)
     else:
         out["inference"] = timed_inference(lambda: model.predict_on_batch(images[0]).argmax(-1),
                                            "model.predict_on_batch(x).argmax(-1) (plain Keras)")
     out["peak_rss_mib_end"] = peak_rss_mib()
-
-    if args.save_checkpoint:
-        from fcn_cli.runs import save_checkpoint
-
-        # What `fcn train` writes: last.keras, the compiled model with its optimizer state (for --resume),
-        # and best.keras, an uncompiled copy of the weights (what evaluate / predict load).
-        meta = {"variant": "fcn8", "classes": CAMVID.to_dict(), "image_size": [size, size]}
-        last = Path(args.save_checkpoint).with_name("last.keras")
-        started = time.perf_counter()
-        save_checkpoint(model, last, meta)
-        last_s = time.perf_counter() - started
-        twin = keras.Model.from_config(model.get_config())  # uncompiled, as fcn train's best-weights twin
-        twin.set_weights(model.get_weights())
-        started = time.perf_counter()
-        save_checkpoint(twin, Path(args.save_checkpoint), meta)
-        out["checkpoint"] = {
-            "last": {"save_s": round(last_s, 3), "bytes": last.stat().st_size, "with_optimizer_state": True},
-            "best": {"path": args.save_checkpoint, "save_s": round(time.perf_counter() - started, 3),
-                     "bytes": Path(args.save_checkpoint).stat().st_size, "with_optimizer_state": False},
-        }
-        last.unlink()
     return out
 
 
