@@ -336,7 +336,8 @@ class _Runner:
         self.tile = max(MULTIPLE, int(tile) // MULTIPLE * MULTIPLE)
         overlap = -(-max(0, int(overlap)) // MULTIPLE) * MULTIPLE
         self.overlap = min(overlap, self.tile - MULTIPLE)
-        self.channels = int(model.output_shape[-1])
+        shape = getattr(model, "output_shape", None)  # a subclassed model has none until it runs
+        self.channels = int(shape[-1]) if isinstance(shape, tuple) and shape and shape[-1] else None
 
     # one forward pass ---------------------------------------------------------------------
     def forward(self, batch: np.ndarray, labels: bool = False) -> np.ndarray:
@@ -355,6 +356,7 @@ class _Runner:
             # The argmax inside the compiled forward: 12x less to copy out, no numpy pass (3% at 224x224).
             return run(batch, argmax)
         logits = run(batch, self.model).astype(np.float32, copy=False)
+        self.channels = self.channels or logits.shape[-1]
         if self.flip:
             # Mirror in, mirror back: road scenes are left-right symmetric, so the two views agree in kind.
             logits = 0.5 * (logits + run(batch[:, :, ::-1], self.model)[:, :, ::-1])

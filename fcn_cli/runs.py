@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fcn_cli.errors import FcnError
 from fcn_cli.images import _umask_mode, atomic_write_bytes
-from fcn_cli.keras_file import save_keras
+from fcn_cli.keras_file import load_weights, save_keras
 
 META_ENTRY = "fcn.json"
 LOG_FIELDS = ("epoch", "loss", "val_loss", "val_pixel_accuracy", "val_miou", "lr", "seconds", "images_per_s")
@@ -75,8 +75,12 @@ def save_checkpoint(model, path: Path, meta: dict) -> None:
     commit_checkpoint(prepare_checkpoint(model, path, meta), path)
 
 
-def prepare_checkpoint(model, path: Path, meta: dict) -> Path:
-    """Write the complete checkpoint to a temporary file beside ``path``; nothing else changes yet."""
+def prepare_checkpoint(model, path: Path, meta: dict, spare: Path | None = None) -> Path:
+    """Write the complete checkpoint to a temporary file beside ``path``; nothing else changes yet.
+
+    ``spare``: an older checkpoint file no one needs any more (see :func:`commit_checkpoint`); it
+    becomes the temporary file and is overwritten in place, reusing its cached pages.
+    """
     path = Path(path)
     tmp = None
     try:
@@ -86,6 +90,9 @@ def prepare_checkpoint(model, path: Path, meta: dict) -> Path:
             os.fchmod(fd, _umask_mode())
         finally:
             os.close(fd)
+        if spare is not None and Path(spare).is_file():
+            os.replace(spare, tmp)
+            os.chmod(tmp, _umask_mode())
         save_keras(model, tmp, {META_ENTRY: json.dumps(meta, indent=2, sort_keys=True).encode()})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -100,9 +107,16 @@ def prepare_checkpoint(model, path: Path, meta: dict) -> Path:
         raise
 
 
-def commit_checkpoint(tmp: Path, path: Path) -> None:
-    """Rename a prepared checkpoint into place (atomic on one file system)."""
+def commit_checkpoint(tmp: Path, path: Path, spare: Path | None = None) -> None:
+    """Rename a prepared checkpoint into place (atomic on one file system). With ``spare``, the
+    checkpoint it replaces stays on disk under that name, for the next write to reuse."""
     try:
+        if spare is not None and Path(path).is_file():
+            try:
+                Path(spare).unlink(missing_ok=True)
+                os.link(path, spare)
+            except OSError:  # no hard links here: the next write starts from a new file
+                pass
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -158,7 +172,7 @@ def load_checkpoint(path: Path, num_classes: int | None = None, compile: bool = 
             with zipfile.ZipFile(path) as zf:
                 config = fcn_cli.model.serving_config(json.loads(zf.read("config.json")))
             model = keras.saving.deserialize_keras_object(config, safe_mode=True)
-            model.load_weights(path)  # float32 values, cast into the compute-dtype variables
+            load_weights(model, path)  # float32 values, cast into the compute-dtype variables
         else:
             model = keras.saving.load_model(path, compile=compile, safe_mode=True)
     except Exception as exc:
@@ -217,7 +231,8 @@ class RunFolder:
         return cls(path, True)
 
     def close(self) -> None:
-        """Remove a worker's private folder."""
+        """Remove the spare checkpoint, and a worker's private folder."""
+        self.spare.unlink(missing_ok=True)
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -229,6 +244,11 @@ class RunFolder:
     @property
     def best(self) -> Path:
         return self.path / "best.keras"
+
+    @property
+    def spare(self) -> Path:
+        """The previous last.keras while a run goes on: the next commit overwrites it in place."""
+        return self.path / ".last.spare.keras"
 
     def write_config(self, config: dict) -> None:
         write_json(self.path / "config.json", config)
@@ -271,13 +291,13 @@ class RunFolder:
         state, then the checkpoint is renamed into place. --resume trusts the epoch embedded in
         last.keras and drops log rows past it.
         """
-        pending = prepare_checkpoint(model, self.last, meta)
+        pending = prepare_checkpoint(model, self.last, meta, spare=self.spare)
         try:
             self.write_epoch(rows, state)
         except BaseException:
             pending.unlink(missing_ok=True)
             raise
-        commit_checkpoint(pending, self.last)
+        commit_checkpoint(pending, self.last, spare=self.spare)
 
     def link_stable(self, stable: Path) -> Path | None:
         """Point ``stable`` (e.g. models/fcn8.keras) at this run's best checkpoint, atomically.

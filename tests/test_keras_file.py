@@ -140,3 +140,45 @@ def test_a_checkpoint_loads_for_serving_in_its_compute_dtype_with_the_same_outpu
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.99
+
+
+def test_a_model_with_assets_or_moved_keras_internals_falls_back_to_keras(tmp_path, monkeypatch):
+    from fcn_cli import keras_file
+
+    model = _tiny()
+    calls = []
+    real = keras_file._save_with_keras
+    monkeypatch.setattr(keras_file, "_save_with_keras", lambda *a: calls.append(a) or real(*a))
+
+    def moved(*args, **kwargs):
+        raise TypeError("H5IOStore.__init__() got an unexpected keyword argument")
+
+    monkeypatch.setattr(keras_file, "_direct_store", moved)
+    path = tmp_path / "m.keras"
+    save_keras(model, path, {"fcn.json": b"{}"})
+    assert len(calls) == 1
+    loaded = keras.saving.load_model(path)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), loaded.get_weights()))
+
+    monkeypatch.undo()
+    vocab = keras.layers.StringLookup(vocabulary=["road", "sky"])
+    inputs = keras.Input((1,), dtype="string")
+    text_model = keras.Model(inputs, vocab(inputs))
+    save_keras(text_model, tmp_path / "t.keras")
+    assert keras.saving.load_model(tmp_path / "t.keras").layers[-1].get_vocabulary() == vocab.get_vocabulary()
+
+
+def test_overwriting_an_old_file_in_place_leaves_none_of_its_bytes(tmp_path):
+    # The run folder hands the previous last.keras back for reuse: junk where HDF5 leaves space must
+    # not matter, and the file ends where the new zip ends.
+    path = tmp_path / "spare.keras"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes())
+    model = _tiny(compiled=True)
+    save_keras(model, path, {"fcn.json": b"{}"})
+    fresh = tmp_path / "fresh.keras"
+    save_keras(model, fresh, {"fcn.json": b"{}"})
+    assert path.stat().st_size == fresh.stat().st_size
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None
+    loaded = keras.saving.load_model(path)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), loaded.get_weights()))

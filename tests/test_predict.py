@@ -351,3 +351,36 @@ def test_flip_tta_averages_the_mirror_view():
     tta = dict(iter_predictions(model, [(0, photo)], "native", None, output="logits", flip=True))[0]
     assert not np.allclose(plain, mirror[:, ::-1])
     np.testing.assert_allclose(tta, 0.5 * (plain + mirror[:, ::-1]), atol=1e-4)
+
+
+def test_labels_from_the_compiled_argmax_equal_the_argmax_of_the_logits(model):
+    from fcn_cli.inference import predict_batch
+
+    photos = [_photo(64, 64, 0), _photo(64, 64, 1), _photo(70, 90, 2)]
+    for mode in ("native", "resize"):  # resize: two photos at the inference size, one resized
+        logits = predict_batch(model, photos, mode, (64, 64), batch_size=3, output="logits")
+        labels = predict_batch(model, photos, mode, (64, 64), batch_size=3, output="labels")
+        for lg, lab in zip(logits, labels):
+            assert lab.dtype == np.uint8 and np.array_equal(lab, lg.argmax(-1)), mode
+
+
+def test_a_subclassed_model_predicts_through_the_numpy_argmax():
+    import keras
+
+    from fcn_cli.inference import labels_model, predict_batch
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.score = keras.layers.Conv2D(5, 1)
+
+        def call(self, x):
+            return self.score(x)
+
+    net = Net()
+    photos = [_photo(40, 50, 0), _photo(64, 64, 1)]
+    labels = predict_batch(net, photos, "native", batch_size=2, output="labels")
+    logits = predict_batch(net, photos, "native", batch_size=2, output="logits")
+    assert labels_model(net) is None
+    assert [lab.shape for lab in labels] == [(40, 50), (64, 64)]
+    assert all(np.array_equal(lab, lg.argmax(-1)) for lab, lg in zip(labels, logits))
