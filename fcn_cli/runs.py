@@ -75,12 +75,8 @@ def save_checkpoint(model, path: Path, meta: dict) -> None:
     commit_checkpoint(prepare_checkpoint(model, path, meta), path)
 
 
-def prepare_checkpoint(model, path: Path, meta: dict, spare: Path | None = None) -> Path:
-    """Write the complete checkpoint to a temporary file beside ``path``; nothing else changes yet.
-
-    ``spare``: an older checkpoint file no one needs any more (see :func:`commit_checkpoint`); it
-    becomes the temporary file and is overwritten in place, reusing its cached pages.
-    """
+def prepare_checkpoint(model, path: Path, meta: dict) -> Path:
+    """Write the complete checkpoint to a temporary file beside ``path``; nothing else changes yet."""
     path = Path(path)
     tmp = None
     try:
@@ -90,9 +86,6 @@ def prepare_checkpoint(model, path: Path, meta: dict, spare: Path | None = None)
             os.fchmod(fd, _umask_mode())
         finally:
             os.close(fd)
-        if spare is not None and Path(spare).is_file():
-            os.replace(spare, tmp)
-            os.chmod(tmp, _umask_mode())
         save_keras(model, tmp, {META_ENTRY: json.dumps(meta, indent=2, sort_keys=True).encode()})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -107,16 +100,9 @@ def prepare_checkpoint(model, path: Path, meta: dict, spare: Path | None = None)
         raise
 
 
-def commit_checkpoint(tmp: Path, path: Path, spare: Path | None = None) -> None:
-    """Rename a prepared checkpoint into place (atomic on one file system). With ``spare``, the
-    checkpoint it replaces stays on disk under that name, for the next write to reuse."""
+def commit_checkpoint(tmp: Path, path: Path) -> None:
+    """Rename a prepared checkpoint into place (atomic on one file system)."""
     try:
-        if spare is not None and Path(path).is_file():
-            try:
-                Path(spare).unlink(missing_ok=True)
-                os.link(path, spare)
-            except OSError:  # no hard links here: the next write starts from a new file
-                pass
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -231,8 +217,7 @@ class RunFolder:
         return cls(path, True)
 
     def close(self) -> None:
-        """Remove the spare checkpoint, and a worker's private folder."""
-        self.spare.unlink(missing_ok=True)
+        """Remove a worker's private folder."""
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -244,11 +229,6 @@ class RunFolder:
     @property
     def best(self) -> Path:
         return self.path / "best.keras"
-
-    @property
-    def spare(self) -> Path:
-        """The previous last.keras while a run goes on: the next commit overwrites it in place."""
-        return self.path / ".last.spare.keras"
 
     def write_config(self, config: dict) -> None:
         write_json(self.path / "config.json", config)
@@ -291,13 +271,13 @@ class RunFolder:
         state, then the checkpoint is renamed into place. --resume trusts the epoch embedded in
         last.keras and drops log rows past it.
         """
-        pending = prepare_checkpoint(model, self.last, meta, spare=self.spare)
+        pending = prepare_checkpoint(model, self.last, meta)
         try:
             self.write_epoch(rows, state)
         except BaseException:
             pending.unlink(missing_ok=True)
             raise
-        commit_checkpoint(pending, self.last, spare=self.spare)
+        commit_checkpoint(pending, self.last)
 
     def link_stable(self, stable: Path) -> Path | None:
         """Point ``stable`` (e.g. models/fcn8.keras) at this run's best checkpoint, atomically.
