@@ -3,12 +3,12 @@
 A ``.keras`` file is a zip of ``config.json``, ``metadata.json`` and ``model.weights.h5`` (plus our
 ``fcn.json``). ``model.save`` builds the HDF5 image in memory, copies each variable into numpy on
 the way, then copies the image into the zip: three to four passes over the checkpoint, each over
-memory the process has not touched before. For FCN-8s with its Adam state (1.6 GB) that took 9.5 s
-of every commit on the bench machine, and transiently twice the checkpoint in RAM.
+memory the process has not touched before. For FCN-8s with its Adam state (1.6 GB) that took 9.3 s
+of every commit on the bench machine, and transiently twice the checkpoint in RAM; this takes 2.2 s.
 
 Here HDF5 writes each variable's array straight to its place inside the zip (the member is stored,
-not compressed, exactly as Keras stores it), the CRC is read back from the page cache, and
-``zipfile`` writes the small members and the central directory. The layout of the HDF5 image is
+not compressed, exactly as Keras stores it; the big datasets around the page cache), the CRC is read
+back from the file, and ``zipfile`` writes the small members and the central directory. The layout of the HDF5 image is
 Keras's own (its ``_save_state`` walks the model and its ``H5IOStore`` names every group), so
 ``keras.saving.load_model`` reads the file like one it wrote; ``tests/test_keras_file.py`` holds it
 to that, value for value in the weights, for every kind of model fcn writes. A model with assets
@@ -57,7 +57,6 @@ class _Region:
     def __init__(self, fd: int, base: int, direct_fd: int | None = None):
         self.fd, self.base, self.pos, self.size = fd, base, 0, 0
         self.direct_fd = direct_fd
-        self.written = 0  # bytes past this were never written here: they read as zeros
         self.error: OSError | None = None  # HDF5 reports a failed write as its own error; keep the cause
 
     def _io(self, call, *args):
@@ -84,7 +83,6 @@ class _Region:
             done += self._io(os.pwrite, self.fd, view[done:], offset + done)
         self.pos += done
         self.size = max(self.size, self.pos)
-        self.written = max(self.written, self.pos)
         return done
 
     def _write_direct(self, view: memoryview, offset: int) -> int:
@@ -92,19 +90,20 @@ class _Region:
         refuses O_DIRECT (the caller then writes through the page cache)."""
         buffer = _bounce_buffer()
         done = 0
-        try:
-            while done < len(view):
-                n = min(len(buffer), len(view) - done)
-                buffer[:n] = view[done : done + n]
-                wrote = self._io(os.pwrite, self.direct_fd, memoryview(buffer)[:n], offset + done)
-                if wrote != n:
-                    break
-                done += n
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self.error = None
-            self.direct_fd = None
+        while done < len(view):
+            n = min(len(buffer), len(view) - done)
+            buffer[:n] = view[done : done + n]
+            try:
+                wrote = os.pwrite(self.direct_fd, memoryview(buffer)[:n], offset + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    self.error = self.error or exc
+                    raise
+                self.direct_fd = None
+                break
+            if wrote != n:
+                break
+            done += n
         return done
 
     def read(self, n: int = -1) -> bytes:
@@ -116,17 +115,14 @@ class _Region:
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
         n = max(0, min(len(view), self.size - self.pos))
-        stored = max(0, min(n, self.written - self.pos))
-        got = self._io(os.preadv, self.fd, [view[:stored]], self.base + self.pos) if stored else 0
-        view[got:] = bytes(len(view) - got)  # never-written space and past the end read as zeros
+        got = self._io(os.preadv, self.fd, [view[:n]], self.base + self.pos) if n else 0
+        view[got:] = bytes(len(view) - got)  # past the file's end (HDF5's size is set last) reads as zeros
         self.pos += n
         return n
 
     def truncate(self, size: int | None = None) -> int:
-        # Only the length HDF5 sees: the file's own is set once the zip is complete (a reused file
-        # keeps its pages; see save_keras).
+        # Only the length HDF5 sees: save_keras sets the file's own once HDF5 has closed.
         self.size = self.pos if size is None else size
-        self.written = min(self.written, self.size)
         return self.size
 
     def flush(self) -> None:
@@ -318,7 +314,7 @@ def load_weights(model, path: str | Path) -> None:
             name_len, extra_len = _LOCAL_HEADER.unpack(fh.read(_LOCAL_HEADER.size))[-2:]
             start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
         region = _Region(fh.fileno(), start)
-        region.size = region.written = info.file_size
+        region.size = info.file_size
         store = _direct_store(region, "r")
         failed, errors = set(), {}
         try:
