@@ -362,10 +362,8 @@ def plain_keras_layers(keras, model):
     from fcn_cli.model import MatmulConv2D
 
     def clone(layer):
-        if isinstance(layer, MatmulConv2D):
-            config = {k: v for k, v in layer.get_config().items() if k != "kernel_layout"}
-            return keras.layers.Conv2D.from_config(config)
-        return layer.__class__.from_config(layer.get_config())
+        cls = keras.layers.Conv2D if isinstance(layer, MatmulConv2D) else layer.__class__
+        return cls.from_config(layer.get_config())
 
     plain = keras.models.clone_model(model, clone_function=clone)
     assert not any(isinstance(layer, MatmulConv2D) for layer in plain.layers)

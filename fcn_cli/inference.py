@@ -296,7 +296,6 @@ def labels_model(model):
     return _LABEL_MODELS[model]
 
 
-
 def _checked(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -399,18 +398,18 @@ class _Runner:
         for start in range(0, len(members), step):
             chunk = members[start : start + step]
             # A photo already at the inference size skips both resizes (they would be identities).
+            at_size = [window[i][1].shape[:2] == (h, w) for i in chunk]
             batch = np.stack([
-                window[i][1].astype(np.float32) if window[i][1].shape[:2] == (h, w)
+                window[i][1].astype(np.float32) if same
                 else tf.image.resize(window[i][1], (h, w), method="bilinear", antialias=False).numpy()
-                for i in chunk
+                for i, same in zip(chunk, at_size)
             ])
             # Class indices straight from the network when no photo needs its logits resized back.
-            direct = self.output == "labels" and all(window[i][1].shape[:2] == (h, w) for i in chunk)
-            outs = self.forward(batch, labels=direct)
-            for i, lg in zip(chunk, outs):
+            outs = self.forward(batch, labels=self.output == "labels" and all(at_size))
+            for i, same, lg in zip(chunk, at_size, outs):
                 native = window[i][1].shape[:2]
                 sink = _Sink(native, self.channels, self.output)
-                if native == (h, w):
+                if same:
                     sink.put(0, lg)
                     results[i] = sink.out
                     continue

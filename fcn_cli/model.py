@@ -126,7 +126,7 @@ class MatmulConv2D(layers.Conv2D):
     def save_own_variables(self, store):
         if not (self.built and self.kernel_layout == "oi"):
             return super().save_own_variables(store)
-        store["0"] = self._hwio(keras.ops.convert_to_numpy(self._kernel))
+        store["0"] = keras.ops.convert_to_numpy(self._hwio(self._kernel))
         if self.use_bias:
             store["1"] = self.bias
 
@@ -139,17 +139,15 @@ class MatmulConv2D(layers.Conv2D):
             return super().load_own_variables(values)
         return super().load_own_variables(store)
 
-    def _hwio(self, oi_kernel: np.ndarray) -> np.ndarray:
+    def _hwio(self, oi_kernel):
+        """An (out, kh*kw*in) kernel in Conv2D's (kh, kw, in, out) layout."""
         kh, kw = self.kernel_size
-        return np.ascontiguousarray(oi_kernel.T).reshape(kh, kw, -1, self.filters)
+        return keras.ops.reshape(keras.ops.transpose(oi_kernel), (kh, kw, -1, self.filters))
 
     def convolution_op(self, inputs, kernel):
         if (tuple(self.strides) != (1, 1) or tuple(self.dilation_rate) != (1, 1) or self.groups != 1
                 or self.data_format != "channels_last"):
-            if self.kernel_layout == "oi":
-                kh, kw = self.kernel_size
-                kernel = keras.ops.reshape(keras.ops.transpose(kernel), (kh, kw, -1, self.filters))
-            return super().convolution_op(inputs, kernel)
+            return super().convolution_op(inputs, self._hwio(kernel) if self.kernel_layout == "oi" else kernel)
         kh, kw = self.kernel_size
         if (kh, kw) != (1, 1):  # a 1x1 kernel's windows are the pixels themselves (and SAME pads nothing)
             # Unfold in float32: the input gradient sums kh*kw window slices, which in bf16 would
