@@ -357,16 +357,15 @@ def _served_model(model, best: str):
 
 
 def plain_keras_layers(keras, model):
-    """The same network with stock Conv2D for conv6/conv7: what the design notes build (fcn's
-    MatmulConv2D computes the same function through one matrix product, see fcn_cli.model)."""
-    from fcn_cli.model import MatmulConv2D
+    """The same network with stock Conv2D layers: what the design notes build (fcn's MatmulConv2D and
+    SmallMapConv2D compute the same functions and gradients by other arithmetic, see fcn_cli.model)."""
 
     def clone(layer):
-        cls = keras.layers.Conv2D if isinstance(layer, MatmulConv2D) else layer.__class__
+        cls = keras.layers.Conv2D if isinstance(layer, keras.layers.Conv2D) else layer.__class__
         return cls.from_config(layer.get_config())
 
     plain = keras.models.clone_model(model, clone_function=clone)
-    assert not any(isinstance(layer, MatmulConv2D) for layer in plain.layers)
+    assert all(type(layer) is keras.layers.Conv2D for layer in plain.layers if isinstance(layer, keras.layers.Conv2D))
     return plain
 
 

@@ -5,9 +5,10 @@ Backend-neutral Keras 3: only ``keras.layers`` / ``keras.ops``, so it builds und
 
 Shapes for an input of H x W (multiples of 32): pool3 is H/8, pool4 H/16, pool5/conv7 H/32.
 Upsampling is a transposed convolution with kernel 2f and stride f, initialized to bilinear
-interpolation, whose 'valid' output (f*n + f) is cropped by f/2 on each side. That crop puts output
-pixel o at input coordinate (o + 0.5)/f - 0.5: the half-pixel-centre convention of image resizing,
-so every skip adds pixel to pixel. The model outputs float32 logits; softmax belongs to the loss
+interpolation, with 'same' padding: exactly its 'valid' output (f*n + f) cropped by f/2 on each side
+(the paper's crop layers), computed without the cropped border. That puts output pixel o at input
+coordinate (o + 0.5)/f - 0.5: the half-pixel-centre convention of image resizing, so every skip adds
+pixel to pixel. The model outputs float32 logits; softmax belongs to the loss
 and to prediction.
 """
 
@@ -54,7 +55,7 @@ def build_fcn(
     pools = {}
     for block, convs, filters in VGG16_BLOCKS:
         for i in range(1, convs + 1):
-            x = layers.Conv2D(
+            x = SmallMapConv2D(
                 _scaled(filters, width), 3, padding="same", activation="relu", name=f"block{block}_conv{i}"
             )(x)
         x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
@@ -144,28 +145,87 @@ class MatmulConv2D(layers.Conv2D):
         kh, kw = self.kernel_size
         return keras.ops.reshape(keras.ops.transpose(oi_kernel), (kh, kw, -1, self.filters))
 
+    def _windows(self, x):
+        """(B, oh, ow, kh*kw*C): every kh x kw window of x, flattened in kernel.reshape(-1, out)'s order.
+
+        One gather of precomputed pixel indices rather than kh*kw slices and a concat: the same values,
+        but its gradient is one segment sum instead of kh*kw zero-padded slice gradients added up
+        (conv6 at 224x224, batch 8: 7 ms forward + backward instead of 47).
+        """
+        kh, kw = self.kernel_size
+        if self.padding == "same":  # TensorFlow's SAME: the odd pixel of an even kernel goes after
+            x = keras.ops.pad(x, [[0, 0], [(kh - 1) // 2, kh // 2], [(kw - 1) // 2, kw // 2], [0, 0]])
+        batch, height, width = keras.ops.shape(x)[:3]
+        channels = x.shape[-1]
+        oh, ow = height - kh + 1, width - kw + 1
+        rows = keras.ops.reshape(keras.ops.arange(oh), (-1, 1, 1, 1)) + keras.ops.reshape(keras.ops.arange(kh), (1, 1, -1, 1))
+        cols = keras.ops.reshape(keras.ops.arange(ow), (1, -1, 1, 1)) + keras.ops.reshape(keras.ops.arange(kw), (1, 1, 1, -1))
+        pixels = keras.ops.reshape(rows * width + cols, (-1,))  # (oh, ow, kh, kw) in row-major order
+        windows = keras.ops.take(keras.ops.reshape(x, (batch, height * width, channels)), pixels, axis=1)
+        return keras.ops.reshape(windows, (batch, oh, ow, kh * kw * channels))
+
     def convolution_op(self, inputs, kernel):
         if (tuple(self.strides) != (1, 1) or tuple(self.dilation_rate) != (1, 1) or self.groups != 1
                 or self.data_format != "channels_last"):
             return super().convolution_op(inputs, self._hwio(kernel) if self.kernel_layout == "oi" else kernel)
         kh, kw = self.kernel_size
         if (kh, kw) != (1, 1):  # a 1x1 kernel's windows are the pixels themselves (and SAME pads nothing)
-            # Unfold in float32: the input gradient sums kh*kw window slices, which in bf16 would
-            # round after every add (Conv2D accumulates it once); the cast back is one cheap pass.
-            x = keras.ops.cast(inputs, "float32")
-            if self.padding == "same":  # TensorFlow's SAME: the odd pixel of an even kernel goes after
-                x = keras.ops.pad(x, [[0, 0], [(kh - 1) // 2, kh // 2], [(kw - 1) // 2, kw // 2], [0, 0]])
-            shape = keras.ops.shape(x)
-            oh, ow = shape[1] - kh + 1, shape[2] - kw + 1
-            # Window (i, j) first, channels inside it: the row-major order of kernel.reshape(kh * kw * in, out).
-            x = keras.ops.concatenate([x[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
-            inputs = keras.ops.cast(x, inputs.dtype)
+            # Unfold in float32: the input gradient sums up to kh*kw window entries per pixel, which
+            # in bf16 would round after every add (Conv2D accumulates once); the cast back is cheap.
+            inputs = keras.ops.cast(self._windows(keras.ops.cast(inputs, "float32")), inputs.dtype)
         if self.kernel_layout == "oi":
             # A transpose the graph optimizer folds into the product (TensorFlow's MatMul transpose_b).
             flat_kernel = keras.ops.transpose(kernel)
         else:
             flat_kernel = keras.ops.reshape(kernel, (kh * kw * kernel.shape[2], kernel.shape[3]))
         return keras.ops.tensordot(inputs, flat_kernel, axes=1)
+
+
+@keras.saving.register_keras_serializable(package="fcn")
+class SmallMapConv2D(layers.Conv2D):
+    """A Conv2D whose weight gradient on small maps is computed as kh*kw matrix products.
+
+    Same weights, config, outputs and input gradient as ``Conv2D``. The weight gradient of a stride-1
+    'same' convolution is, for each tap (i, j), the shifted input transposed times the output
+    gradient: a (C x B*H*W) by (B*H*W x O) product. In bfloat16 on small maps that runs faster
+    than oneDNN's backward-weights kernel (TF 2.21, avx512_bf16, batch 8, ms: 28x28x512 48 -> 38,
+    14x14x512 19 -> 11) and slower on large ones (56x56x256 50 -> 55, 224x224x64 60 -> 136), so it
+    is used only for bfloat16 maps of at most ``SMALL_MAP_PIXELS`` pixels with shapes known when
+    traced (bench/NOTES.md); every other call is Conv2D's own.
+    """
+
+    SMALL_MAP_PIXELS = 32 * 32
+
+    def _gemm_weight_gradient(self, inputs) -> bool:
+        height, width = inputs.shape[1:3]
+        kh, kw = self.kernel_size
+        return (self.compute_dtype == "bfloat16" and height is not None and width is not None
+                and height * width <= self.SMALL_MAP_PIXELS and self.padding == "same" and kh % 2 == 1 and kw % 2 == 1
+                and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
+                and self.data_format == "channels_last")
+
+    def convolution_op(self, inputs, kernel):
+        if not self._gemm_weight_gradient(inputs):
+            return super().convolution_op(inputs, kernel)
+        convolve = super().convolution_op
+        kh, kw = self.kernel_size
+        height, width, channels = inputs.shape[1:]
+
+        @keras.ops.custom_gradient
+        def conv(x, w):
+            def grad(*args, upstream=None):
+                dy = args[0] if upstream is None else upstream
+                dx = keras.ops.conv_transpose(dy, w, strides=1, padding="same", data_format="channels_last")
+                padded = keras.ops.pad(x, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
+                dy_rows = keras.ops.reshape(dy, (-1, self.filters))
+                taps = [keras.ops.matmul(keras.ops.transpose(keras.ops.reshape(padded[:, i:i + height, j:j + width, :], (-1, channels))), dy_rows)
+                        for i in range(kh) for j in range(kw)]
+                return dx, keras.ops.reshape(keras.ops.stack(taps), (kh, kw, channels, self.filters))
+
+            return convolve(x, w), grad
+
+        # A tensor, not the variable: the custom gradient is for the value the convolution reads.
+        return conv(inputs, keras.ops.cast(kernel, inputs.dtype))
 
 
 def serving_config(config):
@@ -231,23 +291,23 @@ def bilinear_kernel(factor: int, channels: int) -> np.ndarray:
 
 
 def upsample(x, channels: int, factor: int, name: str, trainable: bool = True):
-    """x upsampled by ``factor``: bilinear-initialized transposed conv, then an f/2 crop per side.
+    """x upsampled by ``factor``: a bilinear-initialized transposed convolution (kernel 2f, stride f).
 
+    'same' padding gives f*n outputs: the 'valid' f*n + f with f/2 cropped per side, without
+    computing the border (and without the crop's gradient, a zero-padded copy of the 224x224 logits).
     The 2x steps are learned (the paper's "initialize to bilinear, allow learning"); the final
     step stays fixed bilinear, as in the reference Caffe nets (lr_mult 0).
     """
-    up = layers.Conv2DTranspose(
+    return layers.Conv2DTranspose(
         channels,
         2 * factor,
         strides=factor,
-        padding="valid",
+        padding="same",
         use_bias=False,
         kernel_initializer=keras.initializers.Constant(bilinear_kernel(factor, channels)),
         trainable=trainable,
         name=name,
     )(x)
-    crop = factor // 2
-    return layers.Cropping2D(((crop, crop), (crop, crop)), name=f"{name}_crop")(up)
 
 
 # --- backbone weights ------------------------------------------------------------------------

@@ -136,6 +136,25 @@ def test_upsampling_layer_is_bilinear_at_init(factor):
         np.testing.assert_allclose(out[0, inner, inner, c], clamp[inner, inner], atol=1e-4)
 
 
+@pytest.mark.parametrize("factor", [2, 8, 16, 32])
+def test_upsampling_is_the_valid_transposed_conv_cropped_by_half_the_factor(factor):
+    # The paper crops the 'valid' output; 'same' padding must give the same pixels for any learned kernel.
+    from fcn_cli.model import upsample
+
+    rng = np.random.default_rng(factor)
+    score = rng.normal(size=(2, 3, 5, 4)).astype("float32")
+    inp = keras.Input((None, None, 4))
+    model = keras.Model(inp, upsample(inp, 4, factor, "up"))
+    kernel = rng.normal(size=(2 * factor, 2 * factor, 4, 4)).astype("float32")
+    model.get_layer("up").set_weights([kernel])
+    valid = keras.layers.Conv2DTranspose(4, 2 * factor, strides=factor, padding="valid", use_bias=False)
+    valid.build(score.shape)
+    valid.set_weights([kernel])
+    crop = factor // 2
+    expected = keras.ops.convert_to_numpy(valid(score))[:, crop:-crop, crop:-crop]
+    np.testing.assert_allclose(model.predict(score, verbose=0), expected, rtol=1e-5, atol=1e-5)
+
+
 def _clamped_resize(x, factor):
     import tensorflow as tf
 
@@ -318,3 +337,74 @@ def test_matmul_conv_in_bf16_is_as_accurate_as_conv2d():
         errors[cls.__name__] = (np.abs(y - ref_y).max() / np.abs(ref_y).max(), np.abs(g - ref_g).max() / np.abs(ref_g).max())
     conv, fast = errors["Conv2D"], errors["MatmulConv2D"]
     assert fast[0] < 2 * conv[0] + 1e-3 and fast[1] < 2 * conv[1] + 1e-3, errors
+
+
+def _conv_and_small_map_twin(dtype, kernel=3, channels=5, filters=6):
+    from fcn_cli.model import SmallMapConv2D
+
+    conv = keras.layers.Conv2D(filters, kernel, padding="same", activation="relu", dtype=dtype)
+    fast = SmallMapConv2D.from_config(conv.get_config())
+    assert type(fast) is SmallMapConv2D and fast.get_config() == conv.get_config()
+    return conv, fast
+
+
+def _values_and_gradients(layer, x):
+    import tensorflow as tf
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(layer(x), tf.float32)
+            loss = tf.reduce_sum(y * tf.cos(y))
+        return (y, *tape.gradient(loss, [x, *layer.trainable_weights]))
+
+    return [t.numpy() for t in step(x)]
+
+
+@pytest.mark.parametrize(("kernel", "hw"), [(3, (6, 5)), (3, (1, 1)), (5, (4, 7))])
+def test_small_map_conv_weight_gradient_as_matmuls_is_conv2d_in_float32(kernel, hw, monkeypatch):
+    from fcn_cli.model import SmallMapConv2D
+
+    taken = []
+    decide = SmallMapConv2D._gemm_weight_gradient
+    monkeypatch.setattr(SmallMapConv2D, "_gemm_weight_gradient",
+                        lambda self, x: taken.append(decide(self, x)) or True)  # float32 would not take it
+    rng = np.random.default_rng(kernel)
+    x = rng.normal(size=(2, *hw, 5)).astype("float32")
+    conv, fast = _conv_and_small_map_twin("float32", kernel)
+    conv(x)
+    fast(x)
+    fast.set_weights([w + 0.1 * rng.normal(size=w.shape).astype("float32") for w in conv.get_weights()])
+    conv.set_weights(fast.get_weights())
+    for a, b in zip(_values_and_gradients(conv, x), _values_and_gradients(fast, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert taken and not any(taken)
+
+
+def test_small_map_conv_takes_the_matmul_gradient_only_for_small_bf16_maps():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    conv, fast = _conv_and_small_map_twin("mixed_bfloat16", channels=8, filters=16)
+    assert fast._gemm_weight_gradient(keras.KerasTensor((8, 28, 28, 8), dtype="bfloat16"))
+    assert not fast._gemm_weight_gradient(keras.KerasTensor((8, 56, 56, 8), dtype="bfloat16"))
+    assert not fast._gemm_weight_gradient(keras.KerasTensor((8, None, None, 8), dtype="bfloat16"))
+    f32 = _conv_and_small_map_twin("float32")[1]
+    assert not f32._gemm_weight_gradient(keras.KerasTensor((8, 28, 28, 8)))
+
+    # In bf16 its gradients are as close to the float32 ones as Conv2D's own bf16 gradients are.
+    x = tf.constant(rng.normal(size=(2, 14, 14, 8)).astype("float32"))
+    exact = keras.layers.Conv2D(16, 3, padding="same", activation="relu")
+    exact(x)
+    conv(x)
+    fast(x)
+    for layer in (conv, fast):
+        layer.set_weights(exact.get_weights())
+    ref = _values_and_gradients(exact, x)
+
+    def errors(layer):
+        return [np.abs(a - r).max() / np.abs(r).max() for a, r in zip(_values_and_gradients(layer, x), ref)]
+
+    conv_err, fast_err = errors(conv), errors(fast)
+    assert all(f <= 2 * c + 1e-2 for f, c in zip(fast_err, conv_err)), (fast_err, conv_err)
