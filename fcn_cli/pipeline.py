@@ -367,6 +367,18 @@ def _batched(dataset, batch_size: int, drop_remainder: bool = False):
     return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
+def _read_in_passes(dataset):
+    """``dataset`` without tf.data's autotuning, for data read one finite pass at a time.
+
+    The autotuner's thread sleeps between optimizations, up to 10 s apart, and dropping an
+    iterator waits for it to wake: after every validation pass inside `fit`, 4.6 s with nothing
+    running (full FCN-8s; bench/NOTES.md). Without it, AUTOTUNE parallelism is one call per core.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def training_dataset(
     pairs: Sequence[Pair],
     classes: ClassTable,
@@ -437,7 +449,7 @@ def validation_dataset(
         return _validation_element(*_fetch(source, index), size, classes, ignore_void)
 
     elements = tf.data.Dataset.range(len(pairs)).map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _batched(elements, batch_size)
+    return _read_in_passes(_batched(elements, batch_size))
 
 
 def records_training_dataset(
@@ -484,7 +496,7 @@ def records_validation_dataset(
     def element(image, label, *_):
         return _validation_element(image, label, size, classes, ignore_void)
 
-    return _batched(records(list(files)).map(element, num_parallel_calls=tf.data.AUTOTUNE), batch_size)
+    return _read_in_passes(_batched(records(list(files)).map(element, num_parallel_calls=tf.data.AUTOTUNE), batch_size))
 
 
 def pipeline_throughput(

@@ -109,6 +109,9 @@ def test_validation_is_plain_resize_in_file_order_and_keeps_remainder(camvid6, c
     )
     assert _same(val[:1], plain)
     np.testing.assert_array_equal(val[1][2], (val[1][1] != VOID).astype(np.float32))
+    # Read a pass at a time: no autotuner, whose sleeping thread every dropped iterator waits for.
+    val_ds = pipeline.validation_dataset(camvid6, CAMVID, image_size=(224, 224), batch_size=4, arrays=camvid6_arrays)
+    assert val_ds.options().autotune.enabled is False
 
 
 def test_class_weights_apply_and_void_stays_zero(camvid6, camvid6_arrays):
