@@ -528,11 +528,12 @@ def part_epochs(args, sizes) -> dict:
     commits_s = result.seconds - sum(r["seconds"] for r in rows)
     images = steps * batch * len(rows)
     later = [e["train_part_images_per_s"] for e in epochs[1:]] or [epochs[0]["train_part_images_per_s"]]
-    return {
+    out = {
         "threads": threads, "config": {k: v for k, v in cfg.to_json().items() if k not in ("extra",)},
         "steps_per_epoch": steps, "epochs": epochs,
         "fit_wall_s": round(result.seconds, 2),
         "commit_and_callback_s": round(commits_s, 2),
+        "commits": getattr(result, "commits", None),
         "train_part_images_per_s_median_after_first": round(median(later), 3),
         "whole_run_images_per_s_excluding_validation": round(images / (result.seconds - val_s), 3),
         "whole_run_images_per_s": round(images / result.seconds, 3),
@@ -541,6 +542,19 @@ def part_epochs(args, sizes) -> dict:
                "and fit's own set-up; the whole-run figure counts every second of fit() except the validation "
                "passes (first epoch's tracing included). No --jit here: fcn train has no XLA switch",
     }
+    ends = getattr(result, "epoch_ends_s", None) or []
+    if len(ends) == len(epochs) >= 2:
+        # Whole epochs after the first (its tracing and set-up are once per run): every second from the end of
+        # epoch 1 (its commit included) to the end of the last (its commit included), validation passes excepted.
+        wall = ends[-1] - ends[0] - sum(e["validation_s"] for e in epochs[1:])
+        out["whole_epochs_after_first"] = {
+            "epochs": len(epochs) - 1, "seconds_excluding_validation": round(wall, 2),
+            "images_per_s": round(steps * batch * (len(epochs) - 1) / wall, 3),
+            "how": "TrainResult.epoch_ends_s: wall time between the ends of epoch 1 and the last epoch (data pipeline, "
+                   "metrics, callbacks and commits at --checkpoint-overhead's default spacing, the last epoch's forced "
+                   "commit incl.), minus those epochs' validation passes",
+        }
+    return out
 
 
 def part_pipeline(args, sizes) -> dict:
@@ -809,6 +823,7 @@ def derive(result: dict) -> None:
         epochs["vs_bare_step"] = {
             "train_part": ratio(epochs["train_part_images_per_s_median_after_first"], bare),
             "whole_run_excluding_validation": ratio(epochs["whole_run_images_per_s_excluding_validation"], bare),
+            "whole_epochs_after_first": ratio(epochs.get("whole_epochs_after_first", {}).get("images_per_s"), bare),
             "bare_step_images_per_s": bare,
             "note": "1.0 = whole epochs as fast as the bare steps of the train part (same run, same model)",
         }
@@ -909,6 +924,8 @@ def print_table(result: dict, path: Path) -> None:
         ("fcn train epochs: training part", ("epochs", "train_part_images_per_s_median_after_first"), "img/s"),
         ("fcn train: whole run except validation", ("epochs", "whole_run_images_per_s_excluding_validation"), "img/s"),
         ("  ... / bare step rate", ("epochs", "vs_bare_step", "whole_run_excluding_validation"), "x"),
+        ("fcn train: whole epochs after the first, except validation", ("epochs", "whole_epochs_after_first", "images_per_s"), "img/s"),
+        ("  ... / bare step rate", ("epochs", "vs_bare_step", "whole_epochs_after_first"), "x"),
     ):
         other.add_row(label, fmt(g(result, *keys), 3), unit, fmt(len(g(result, "epochs", "epochs") or []) or None))
     console.print(other)

@@ -157,7 +157,7 @@ def train(
     strategy: Annotated[Strategy, typer.Option(help="tf.distribute strategy; auto: multi-worker with TF_CONFIG, mirrored on >1 GPU.")] = Strategy.auto,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Cap the steps per epoch (quick trials).")] = None,
     time_limit: Annotated[Optional[float], typer.Option(min=0.1, help="Stop after the last epoch that fits in this many minutes (the run stays resumable).")] = None,
-    checkpoint_overhead: Annotated[float, typer.Option(min=0.0, max=1.0, help="Largest share of the run's time spent writing checkpoints: epochs between commits are spaced to keep within it (the first and last epoch, a time-limit stop and Ctrl-C always write). 1 = write every epoch.")] = 0.05,
+    checkpoint_overhead: Annotated[float, typer.Option(min=0.0, max=1.0, help="Largest share of the run's time spent writing checkpoints: epochs between commits are spaced to keep within it (the first and last epoch, a time-limit stop and Ctrl-C always write). 1 = write every epoch.")] = 0.02,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch (its own settings; --epochs may extend it).")] = None,
 ):
     """Train an FCN; writes a run folder under --out with config, CSV log, curves and checkpoints."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +49,7 @@ class TrainConfig:
     strategy: str = "auto"
     max_steps: int | None = None  # cap on steps per epoch (smoke tests, benchmarks)
     time_limit: float | None = None  # minutes; stop after the last epoch that fits
-    checkpoint_overhead: float = 0.05  # largest share of wall time spent writing checkpoints (1: every epoch)
+    checkpoint_overhead: float = 0.02  # largest share of wall time spent writing checkpoints (1: every epoch)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -249,6 +251,8 @@ class TrainResult:
     interrupted: bool = False
     seconds: float = 0.0
     images_per_s: float | None = None
+    commits: list = field(default_factory=list)  # {"epoch": last finished epoch, "seconds": wall time of the commit}
+    epoch_ends_s: list = field(default_factory=list)  # seconds from the start of training to each epoch's end, commit incl.
 
 
 def train(cfg: TrainConfig, console=None, resume: str | None = None) -> TrainResult:
@@ -426,10 +430,10 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
         _multi_worker_shim(model)
     if state["epochs_done"] < cfg.epochs:
         try:
-            with strategy.scope():
+            with strategy.scope(), StopOnCtrlC() as stop:
                 model.fit(
                     data.train, validation_data=data.val, epochs=cfg.epochs, initial_epoch=state["epochs_done"],
-                    steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder], verbose=0, shuffle=False,
+                    steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder, stop], verbose=0, shuffle=False,
                 )
         except _peer_errors() as exc:
             progress.stop()
@@ -469,6 +473,7 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
     return TrainResult(
         run.path, recorder.state["epochs_done"], recorder.state["best_miou"], recorder.state["best_epoch"],
         recorder.stable, recorder.rows, interrupted, seconds, (sum(rates) / len(rates)) if rates else None,
+        recorder.commits, recorder.epoch_ends_s,
     )
 
 
@@ -553,6 +558,8 @@ class EpochRecorder(_keras_callback_base()):
         self._meta = None  # metadata of the last finished, uncommitted epoch
         self._commit_s = None
         self._committed_at = time.perf_counter()
+        self.commits = []  # what each commit cost: {"epoch", "seconds"}
+        self.epoch_ends_s = []  # from self._started to the end of each on_epoch_end (whole-epoch timing)
 
     def on_train_begin(self, logs=None):
         import keras
@@ -614,6 +621,7 @@ class EpochRecorder(_keras_callback_base()):
         stopping = bool(self.cfg.time_limit) and self._would_overrun(seconds)
         if stopping or epoch + 1 >= self.cfg.epochs or self._commit_due():
             self.commit(self.model)
+        self.epoch_ends_s.append(round(time.perf_counter() - self._started, 3))
         if stopping:
             self.console.print(f"time limit of {self.cfg.time_limit:g} min reached after epoch {epoch + 1}")
             self.model.stop_training = True
@@ -647,6 +655,7 @@ class EpochRecorder(_keras_callback_base()):
         self.run.plot_curves(self.rows)
         self._committed_at = time.perf_counter()
         self._commit_s = self._committed_at - started
+        self.commits.append({"epoch": self.state["epochs_done"], "seconds": round(self._commit_s, 3)})
 
     def commit_mid_epoch(self, model) -> None:
         """Commit after an interruption: mid-epoch weights go to last.keras, labelled (like the log
@@ -663,6 +672,44 @@ class EpochRecorder(_keras_callback_base()):
     def _would_overrun(self, last_epoch_seconds: float) -> bool:
         elapsed = time.perf_counter() - self._started
         return elapsed + last_epoch_seconds > self.cfg.time_limit * 60
+
+
+class StopOnCtrlC(_keras_callback_base()):
+    """Ctrl-C during fit as a request: the running batch ends, then KeyboardInterrupt leaves fit from here.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, and inside a weakref
+    or ``__del__`` callback (TensorFlow runs many) it is printed and dropped: the run went on as if
+    nothing was pressed (seen in tests/test_cli.py). A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        # Only in place of Python's own handler: an ignored SIGINT (nohup, a background job) stays ignored.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
+
+    def _request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _stop_if_requested(self, *args, **kwargs):
+        if self.requested:
+            self.requested = False
+            raise KeyboardInterrupt
+
+    # Not at on_epoch_end: the epoch's commit has just run, and the stop's own commit would repeat it.
+    on_train_batch_end = on_test_batch_end = _stop_if_requested
 
 
 def _current_lr(model) -> float:

@@ -160,13 +160,14 @@ def test_ctrl_c_saves_a_consistent_run_and_resume_finishes(data_dir, tmp_path):
     from fcn_cli.runs import load_checkpoint
 
     out = tmp_path / "models"
-    args = [sys.executable, "-m", "fcn_cli", "train", "--data", str(data_dir), "--epochs", "4", "--out", str(out),
-            *TINY[:-6], "--image-size", "128x128", "--batch-size", "2", "--precision", "float32"]
+    # Enough epochs, each committed, that the signal surely lands mid-run (a tiny epoch takes 0.1 s).
+    args = [sys.executable, "-m", "fcn_cli", "train", "--data", str(data_dir), "--epochs", "12", "--out", str(out),
+            *TINY[:-6], "--image-size", "128x128", "--batch-size", "2", "--precision", "float32", "--checkpoint-overhead", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (out.exists() and list(out.glob("*/log.csv"))):
         time.sleep(0.2)
-    time.sleep(0.5)  # into the second epoch
+    time.sleep(0.5)  # into the second epoch or a little later
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
@@ -178,8 +179,9 @@ def test_ctrl_c_saves_a_consistent_run_and_resume_finishes(data_dir, tmp_path):
     rows = list(csv.DictReader(open(run / "log.csv")))
     state = json.loads((run / "state.json").read_text())
     assert meta["epoch"] == state["epochs_done"] == len(rows) >= 1
+    assert meta["epoch"] < 12, "the run ended before the signal: make it longer"
     fcn("train", "--resume", run, check=0)
-    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "log.csv"))] == [1, 2, 3, 4]
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "log.csv"))] == list(range(1, 13))
 
 
 def _one_line_error(proc, *needles):

@@ -16,6 +16,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -1037,3 +1038,41 @@ def test_training_precheck_accepts_an_exif_rotated_photo_with_an_upright_mask(tm
     dataset = find_dataset(tmp_path / "set")
     assert check_dataset(dataset, CAMVID).ok  # the full decode agrees the set is fine
     assert [str(p) for p in quick_check(dataset, CAMVID, ["train", "val"])] == []
+
+
+def test_ctrl_c_during_fit_stops_at_the_next_batch_and_a_second_one_at_once():
+    import os
+    import signal
+
+    from fcn_cli.train import StopOnCtrlC
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnCtrlC() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # wherever it lands (a weakref callback, say), nothing raises there
+        time.sleep(0.05)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            stop.on_train_batch_end(0)
+        stop.on_train_batch_end(1)  # one request, one stop
+        with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C: Python's own, at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_fit():
+    import os
+    import signal
+
+    from fcn_cli.train import StopOnCtrlC
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopOnCtrlC() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            stop.on_train_batch_end(0)
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
