@@ -60,7 +60,7 @@ PREDICT_MODE = "resize"
 
 # Sizes and repeats. Full mode: the real thing; quick mode: a smoke run of every code path.
 FULL = dict(
-    width=1.0, head_width=4096, image=224, batch=8, warmup=2, steps=5, infer_warmup=2, infer_repeats=5,
+    width=1.0, head_width=4096, image=224, batch=8, warmup=3, steps=8, infer_warmup=3, infer_repeats=8,
     mm_n=4096, mm_warmup=2, mm_repeats=7, conv=(8, 56, 56, 256, 256), conv_warmup=3, conv_repeats=10,
     pipeline_pairs=None, pipeline_image=224, help_repeats=5, predict_repeats=3, part_timeout=1200,
     epochs=3, epoch_steps=None,
@@ -469,12 +469,24 @@ def part_train(args, sizes) -> dict:
         return record
 
     # Inference on the same batches.
-    def timed_inference(call, path):
-        times = timed_calls(call, sizes["infer_warmup"], sizes["infer_repeats"])
+    def inference_record(times, path):
         t = median(times)
         return {"path": path, "batch_size": batch, "median_s": round(t, 4), "times_s": [round(v, 4) for v in times],
                 "warmup": sizes["infer_warmup"], "repeats": len(times), "images_per_s": round(batch / t, 3),
                 "gflops": round(flops * batch / t / 1e9, 2)}
+
+    def timed_inference(call, path):
+        return inference_record(timed_calls(call, sizes["infer_warmup"], sizes["infer_repeats"]), path)
+
+    def timed_in_turns(calls: dict) -> dict:
+        """Several ways of running the same forward, timed in alternation: each sees the same machine state."""
+        for call, _ in calls.values():
+            timed_calls(call, sizes["infer_warmup"], 0)
+        times = {name: [] for name in calls}
+        for _ in range(sizes["infer_repeats"]):
+            for name, (call, _) in calls.items():
+                times[name] += timed_calls(call, 0, 1)
+        return {name: inference_record(times[name], path) for name, (_, path) in calls.items()}
 
     if args.flavor == "product":
         # `fcn predict` runs the model as fcn_cli.inference.load_for_inference loads it from best.keras.
@@ -482,11 +494,12 @@ def part_train(args, sizes) -> dict:
         served, load_path = _served_model(model, out["checkpoint"]["best"]["path"])
         predict, path = _predict_path(tf, served, (size, size))
         photos = list(images[0].astype(np.uint8))
-        out["inference"] = timed_inference(lambda: predict(photos), f"{load_path}, then {path}")
         # Lever: the same network through one compiled (tf.function) forward, no resize / host-side argmax.
         forward = _compiled_forward(tf, served)
-        out["inference_compiled_forward"] = timed_inference(
-            lambda: forward(images[0]), "lever: tf.function(argmax(model(x, training=False)))")
+        out.update(timed_in_turns({
+            "inference": (lambda: predict(photos), f"{load_path}, then {path}"),
+            "inference_compiled_forward": (lambda: forward(images[0]), "lever: tf.function(argmax(model(x, training=False)))"),
+        }))
         if not args.save_checkpoint:
             shutil.rmtree(Path(out["checkpoint"]["best"]["path"]).parent, ignore_errors=True)
     else:
