@@ -14,6 +14,7 @@ and to prediction.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -190,29 +191,46 @@ class SmallMapConv2D(layers.Conv2D):
     gradient: a (C x B*H*W) by (B*H*W x O) product. In bfloat16 on small maps that runs faster
     than oneDNN's backward-weights kernel (TF 2.21, avx512_bf16, batch 8, ms: 28x28x512 48 -> 38,
     14x14x512 19 -> 11) and slower on large ones (56x56x256 50 -> 55, 224x224x64 60 -> 136), so it
-    is used only for bfloat16 maps of at most ``SMALL_MAP_PIXELS`` pixels with shapes known when
-    traced (bench/NOTES.md); every other call is Conv2D's own.
+    is used only in training, on the CPU, for bfloat16 maps of at most ``SMALL_MAP_PIXELS`` pixels
+    with shapes known when traced (bench/NOTES.md); every other call is Conv2D's own.
     """
 
     SMALL_MAP_PIXELS = 32 * 32
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._training = False
+
+    def call(self, inputs, training=None):
+        # Only training takes a weight gradient: predict and evaluate run Conv2D's own path.
+        self._training = bool(training)
+        if not self._gemm_weight_gradient(inputs):
+            return super().call(inputs)
+        outputs = self._convolve_with_gemm_gradient(inputs)
+        return self.activation(outputs) if self.activation is not None else outputs
+
     def _gemm_weight_gradient(self, inputs) -> bool:
         height, width = inputs.shape[1:3]
         kh, kw = self.kernel_size
-        return (self.compute_dtype == "bfloat16" and height is not None and width is not None
+        return (self._training and self.compute_dtype == "bfloat16" and _computes_on_cpu()
+                and height is not None and width is not None
                 and height * width <= self.SMALL_MAP_PIXELS and self.padding == "same" and kh % 2 == 1 and kw % 2 == 1
                 and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
                 and self.data_format == "channels_last")
 
-    def convolution_op(self, inputs, kernel):
-        if not self._gemm_weight_gradient(inputs):
-            return super().convolution_op(inputs, kernel)
+    def _convolve_with_gemm_gradient(self, inputs):
+        """Convolution plus bias, whose gradient is computed here: input gradient as Conv2D's, weight
+        gradient as per-tap products, bias gradient summed in float32 (oneDNN's fused backward-weights
+        kernel did that; a bfloat16 sum of B*H*W terms was off by 9% in a probe)."""
         convolve = super().convolution_op
         kh, kw = self.kernel_size
         height, width, channels = inputs.shape[1:]
+        # Tensors, not the variables: the custom gradient is for the values the convolution reads.
+        kernel = keras.ops.cast(self.kernel, inputs.dtype)
+        bias = keras.ops.cast(self.bias if self.use_bias else keras.ops.zeros((self.filters,)), inputs.dtype)
 
         @keras.ops.custom_gradient
-        def conv(x, w):
+        def conv(x, w, b):
             def grad(*args, upstream=None):
                 dy = args[0] if upstream is None else upstream
                 dx = keras.ops.conv_transpose(dy, w, strides=1, padding="same", data_format="channels_last")
@@ -220,12 +238,28 @@ class SmallMapConv2D(layers.Conv2D):
                 dy_rows = keras.ops.reshape(dy, (-1, self.filters))
                 taps = [keras.ops.matmul(keras.ops.transpose(keras.ops.reshape(padded[:, i:i + height, j:j + width, :], (-1, channels))), dy_rows)
                         for i in range(kh) for j in range(kw)]
-                return dx, keras.ops.reshape(keras.ops.stack(taps), (kh, kw, channels, self.filters))
+                dw = keras.ops.reshape(keras.ops.stack(taps), (kh, kw, channels, self.filters))
+                db = keras.ops.cast(keras.ops.sum(keras.ops.cast(dy_rows, "float32"), axis=0), b.dtype)
+                return dx, dw, db
 
-            return convolve(x, w), grad
+            return keras.ops.add(convolve(x, w), keras.ops.reshape(b, (1, 1, 1, -1))), grad
 
-        # A tensor, not the variable: the custom gradient is for the value the convolution reads.
-        return conv(inputs, keras.ops.cast(kernel, inputs.dtype))
+        return conv(inputs, kernel, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _computes_on_cpu() -> bool:
+    """Whether the backend computes on the CPU: SmallMapConv2D's products were measured against oneDNN there."""
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.config.list_logical_devices("GPU")
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    return False
 
 
 def serving_config(config):
@@ -441,9 +475,9 @@ def crop_to(outputs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def count_flops(model: keras.Model, height: int, width: int) -> int:
     """Forward FLOPs (2 x multiply-adds) for one height x width image, counted analytically from the layers.
 
-    Convolutions and transposed convolutions only: pooling, ReLU, crops and adds are under 0.1%.
+    Convolutions and transposed convolutions only: pooling, ReLU and adds are under 0.1%.
     """
-    convs = [layer for layer in model.layers if isinstance(layer, layers.Conv2D)]
+    convs = [layer for layer in model.layers if isinstance(layer, (layers.Conv2D, layers.Conv2DTranspose))]
     probe = keras.Model(model.inputs, [(layer.input, layer.output) for layer in convs])
     shapes = probe.compute_output_spec(keras.KerasTensor((1, height, width, 3)))
     flops = 0

@@ -148,7 +148,7 @@ def load_checkpoint(path: Path, num_classes: int | None = None, compile: bool = 
     import keras
 
     import fcn_cli.metrics  # noqa: F401  registers the custom metrics a compiled checkpoint names
-    import fcn_cli.model  # registers MatmulConv2D (conv6/conv7); serving_config
+    import fcn_cli.model  # registers MatmulConv2D and SmallMapConv2D; serving_config
     import fcn_cli.optimizers  # noqa: F401  registers FusedAdam (the optimizer inside last.keras)
 
     path = Path(path)

@@ -252,7 +252,7 @@ class TrainResult:
     seconds: float = 0.0
     images_per_s: float | None = None
     commits: list = field(default_factory=list)  # {"epoch": last finished epoch, "seconds": wall time of the commit}
-    epoch_ends_s: list = field(default_factory=list)  # seconds from the start of training to each epoch's end, commit incl.
+    epoch_ends_s: list = field(default_factory=list)  # seconds from just before fit to each epoch's end, commit incl.
 
 
 def train(cfg: TrainConfig, console=None, resume: str | None = None) -> TrainResult:
@@ -693,10 +693,13 @@ class StopOnCtrlC(_keras_callback_base()):
             self._previous = signal.signal(signal.SIGINT, self._request)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+        if self.requested and exc_type is None:  # pressed after the last batch (the final commit, say)
+            self.requested = False
+            raise KeyboardInterrupt
         return False
 
     def _request(self, signum, frame):
@@ -708,7 +711,8 @@ class StopOnCtrlC(_keras_callback_base()):
             self.requested = False
             raise KeyboardInterrupt
 
-    # Not at on_epoch_end: the epoch's commit has just run, and the stop's own commit would repeat it.
+    # At batch ends, where a step has finished; not at on_epoch_end, where a commit may just have run
+    # (the stop commits again). A request after the last batch is raised on leaving the block.
     on_train_batch_end = on_test_batch_end = _stop_if_requested
 
 

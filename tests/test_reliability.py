@@ -1048,6 +1048,7 @@ def test_ctrl_c_during_fit_stops_at_the_next_batch_and_a_second_one_at_once():
 
     before = signal.getsignal(signal.SIGINT)
     with StopOnCtrlC() as stop:
+        assert signal.getsignal(signal.SIGINT) is not before
         os.kill(os.getpid(), signal.SIGINT)  # wherever it lands (a weakref callback, say), nothing raises there
         time.sleep(0.05)
         assert stop.requested
@@ -1057,6 +1058,16 @@ def test_ctrl_c_during_fit_stops_at_the_next_batch_and_a_second_one_at_once():
         with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C: Python's own, at once
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+    # The handler comes back whatever leaves the block; a request after the last batch still stops.
+    with pytest.raises(RuntimeError):
+        with StopOnCtrlC():
+            raise RuntimeError("fit failed")
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):
+        with StopOnCtrlC():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
     assert signal.getsignal(signal.SIGINT) is before
 
 
