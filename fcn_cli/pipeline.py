@@ -370,9 +370,10 @@ def _batched(dataset, batch_size: int, drop_remainder: bool = False):
 def _read_in_passes(dataset):
     """``dataset`` without tf.data's autotuning, for data read one finite pass at a time.
 
-    The autotuner's thread sleeps between optimizations, up to 10 s apart, and dropping an
-    iterator waits for it to wake: after every validation pass inside `fit`, 4.6 s with nothing
-    running (full FCN-8s; bench/NOTES.md). Without it, AUTOTUNE parallelism is one call per core.
+    The autotuner's thread sleeps between optimizations, the period doubling from 10 ms up to 60 s,
+    and dropping an iterator waits for it to wake: after every validation pass inside `fit`, 4.6 s
+    with nothing running (full FCN-8s; bench/NOTES.md). Without it, AUTOTUNE parallelism is one call
+    per core.
     """
     options = tf.data.Options()
     options.autotune.enabled = False

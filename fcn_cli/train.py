@@ -697,9 +697,8 @@ class StopOnCtrlC(_keras_callback_base()):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
-        if self.requested and exc_type is None:  # pressed after the last batch (the final commit, say)
-            self.requested = False
-            raise KeyboardInterrupt
+        if exc_type is None:  # a request after the last batch (during the final commit, say) still stops
+            self._stop_if_requested()
         return False
 
     def _request(self, signum, frame):
