@@ -331,6 +331,11 @@ def upsample(x, channels: int, factor: int, name: str, trainable: bool = True):
     computing the border (and without the crop's gradient, a zero-padded copy of the 224x224 logits).
     The 2x steps are learned (the paper's "initialize to bilinear, allow learning"); the final
     step stays fixed bilinear, as in the reference Caffe nets (lr_mult 0).
+
+    Steps larger than 2x compute in float32 under any policy (under 0.1% of FCN-8s' FLOPs): their
+    gradient is a strided convolution (kernel 2f, stride f) that oneDNN's AMX bf16 kernels get wrong
+    for some channel counts, 12 among them (bench/amx_repro.py), which made bf16 training on AMX
+    CPUs diverge. The logits are float32 anyway.
     """
     return layers.Conv2DTranspose(
         channels,
@@ -341,6 +346,7 @@ def upsample(x, channels: int, factor: int, name: str, trainable: bool = True):
         kernel_initializer=keras.initializers.Constant(bilinear_kernel(factor, channels)),
         trainable=trainable,
         name=name,
+        dtype="float32" if factor > 2 else None,
     )(x)
 
 
