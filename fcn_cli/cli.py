@@ -108,6 +108,26 @@ def _console():
     return Console()
 
 
+def _settle_precision(requested: str = "auto") -> None:
+    """Decide the CPU numeric path before TensorFlow starts: oneDNN reads its ISA cap only then.
+
+    Training probes (once per machine, cached); evaluation and prediction follow a cached verdict only,
+    so a first `fcn predict` never pays for a probe.
+    """
+    from fcn_cli import precision
+
+    if "tensorflow" in sys.modules or precision.gpu_present():
+        return
+    if requested == "inference":
+        found = precision.cached_verdict()
+        passed = [precision.PATHS[t["path"]] for t in found.trials if t["ok"]] if found else []
+        cap = next((p.isa_cap for p in passed if p.precision == "mixed_bfloat16"), None)
+        if cap and not os.environ.get(precision.ISA_ENV):
+            os.environ[precision.ISA_ENV] = cap
+        return
+    precision.choose(requested, _console())
+
+
 def _quiet_tensorflow() -> None:
     """Import TensorFlow now, with its start-up chatter (oneDNN / CPU-feature notices) kept off stderr."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -153,7 +173,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for run folders and the stable links models/<variant>.keras.")] = Path("models"),
     classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
-    precision: Annotated[Precision, typer.Option(help="Compute precision; auto picks bf16 where the hardware has it natively.")] = Precision.auto,
+    precision: Annotated[Precision, typer.Option(help="Compute precision. auto: bf16 where this machine computes it natively AND a short probe (cached per machine, see `fcn doctor`) shows it learns what float32 learns; float32 otherwise.")] = Precision.auto,
     strategy: Annotated[Strategy, typer.Option(help="tf.distribute strategy; auto: multi-worker with TF_CONFIG, mirrored on >1 GPU.")] = Strategy.auto,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Cap the steps per epoch (quick trials).")] = None,
     time_limit: Annotated[Optional[float], typer.Option(min=0.1, help="Stop after the last epoch that fits in this many minutes (the run stays resumable).")] = None,
@@ -161,6 +181,12 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch (its own settings; --epochs may extend it).")] = None,
 ):
     """Train an FCN; writes a run folder under --out with config, CSV log, curves and checkpoints."""
+    if resume is None:
+        _settle_precision(precision.value)
+    else:
+        from fcn_cli.runs import RunFolder
+
+        _settle_precision(RunFolder(resume).read_config().get("precision", "auto") if (resume / "config.json").exists() else "auto")
     _quiet_tensorflow()
     from fcn_cli.train import TrainConfig, train as run_training
 
@@ -214,6 +240,7 @@ def evaluate(
     image_size: Annotated[Optional[str], typer.Option(help=SIZE_HELP)] = None,
 ):
     """Score a checkpoint on a split at each annotation's own resolution (void ignored)."""
+    _settle_precision("inference")
     _quiet_tensorflow()
     from fcn_cli.evaluate import evaluate as run_evaluation
     from fcn_cli.runs import resolve_model_path
@@ -244,6 +271,7 @@ def predict(
     image_size: Annotated[Optional[str], typer.Option(help=SIZE_HELP)] = None,
 ):
     """Write colourized 12-class masks for images of any size."""
+    _settle_precision("inference")
     _quiet_tensorflow()
     from fcn_cli.predict import predict as run_prediction
     from fcn_cli.runs import resolve_model_path
@@ -349,10 +377,24 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed for data and training.")] = 0,
 ):
     """Generate a synthetic street set, train a small FCN-8s, evaluate it and predict masks (a few minutes on 2 cores)."""
+    _settle_precision("auto")
     _quiet_tensorflow()
     from fcn_cli.demo import run_demo
 
     run_demo(out, epochs=epochs, seed=seed, console=_console())
+
+
+@app.command()
+def doctor(
+    recheck: Annotated[bool, typer.Option(help="Run the precision probe again instead of reading the cached verdict.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the verdict and versions to this JSON file ('-' for stdout).")] = None,
+):
+    """Check this machine: which precision trains correctly here (the probe's verdict and figures) and the library versions."""
+    from fcn_cli.doctor import report
+
+    code = report(_console(), recheck=recheck, json_path=str(json_out) if json_out else None)
+    if code:
+        raise typer.Exit(code)
 
 
 # --- entry point ------------------------------------------------------------------------------

@@ -5,3 +5,9 @@ class FcnError(Exception):
     """A problem with the user's input (file, flag, data). The message names the file and the fix."""
 
     exit_code = 2
+
+
+class TrainingFailed(FcnError):
+    """Training ran but went wrong (divergence, a runaway loss): the user's files were fine."""
+
+    exit_code = 3

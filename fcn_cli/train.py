@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fcn_cli.errors import FcnError
+from fcn_cli.errors import FcnError, TrainingFailed
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "one", "mirrored", "multi-worker")
@@ -88,30 +88,37 @@ def inference_size(cfg: TrainConfig) -> tuple[int, int]:
 # --- hardware choices -------------------------------------------------------------------------
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def choose_precision(requested: str = "auto", console=None) -> str:
+    """The Keras dtype policy to train with.
 
-
-def choose_precision(requested: str = "auto") -> str:
-    """bf16 where the hardware computes it natively (emulated bf16 is slower than float32)."""
+    GPUs: bf16 on Ampere and newer, float16 (loss-scaled) on Volta/Turing. CPUs: only a path that
+    this machine's precision probe showed to learn what float32 learns (fcn_cli.precision).
+    """
     if requested not in PRECISIONS:
         raise FcnError(f"unknown --precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
-    if requested != "auto":
-        return requested
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
+        if requested != "auto":
+            return requested
         caps = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0)) for g in gpus]
         if all(c >= (8, 0) for c in caps):
             return "mixed_bfloat16"
         return "mixed_float16" if all(c >= (7, 0) for c in caps) else "float32"
-    return "mixed_bfloat16" if cpu_has_native_bf16() else "float32"
+    from fcn_cli import precision
+
+    return precision.choose(requested, console).precision
+
+
+def precision_line(requested: str, policy: str) -> tuple[str, str | None]:
+    """(what was chosen and why, a warning or None) for the run's first lines."""
+    from fcn_cli import precision
+
+    choice = precision.current(requested)
+    if choice is None or choice.precision != policy:
+        return f"{policy}: GPU rules" if policy != requested else f"{policy}: as asked", None
+    return choice.line, choice.warning
 
 
 def make_strategy(name: str = "auto"):
@@ -275,10 +282,14 @@ def train(cfg: TrainConfig, console=None, resume: str | None = None) -> TrainRes
     chief = is_chief(strategy)
     # Then the data: every problem with the user's files shows before any model is built.
     data = prepare_data(cfg, console, strategy)
-    precision = choose_precision(cfg.precision)
+    precision = choose_precision(cfg.precision, console)
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(cfg.seed)
-    console.print(f"[bold]strategy[/] {strategy_desc}  [bold]precision[/] {precision}")
+    why, warning = precision_line(cfg.precision, precision)
+    console.print(f"[bold]strategy[/] {strategy_desc}")
+    console.print(f"[bold]precision[/] {why}", highlight=False)
+    if warning:
+        console.print(f"[yellow]warning[/]: {warning}", highlight=False)
 
     run = RunFolder.open(resume, chief) if resume else RunFolder.create(Path(cfg.out), cfg.variant, chief)
     try:
@@ -419,7 +430,8 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
             compile_model(model, make_optimizer(cfg, data.steps_per_epoch), classes.num_classes, classes.ignore_index)
 
     if not resuming:
-        run.write_config({**cfg.to_json(), "precision_used": precision, "strategy_used": strategy_desc,
+        run.write_config({**cfg.to_json(), "precision_used": precision, "precision_path": _precision_record(cfg),
+                          "strategy_used": strategy_desc,
                           "train_pairs": data.n_train, "val_pairs": data.n_val, "steps_per_epoch": data.steps_per_epoch})
     recorder = EpochRecorder(run, cfg, classes, precision, state, rows, console, strategy,
                              every_epoch=_is_multi_worker(strategy))
@@ -463,10 +475,14 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
                 console.print(f"[yellow]interrupted[/]: saved {run.last}; continue with `fcn train --resume {run.path}`")
     progress.stop()
     if recorder.diverged:
-        raise FcnError(
-            f"training diverged at epoch {recorder.diverged[0]} (loss {recorder.diverged[1]}); "
-            f"the last good checkpoint is {run.last if run.last.exists() else 'none (first epoch)'}; "
-            "lower --lr or use --precision float32"
+        epoch, loss, *why = recorder.diverged
+        best = recorder.state.get("best_epoch")
+        kept = (f"kept {run.best} (epoch {best}, val mIoU {recorder.state['best_miou']:.3f})"
+                if best and run.best.exists() else
+                f"the last good checkpoint is {run.last if run.last.exists() else 'none (first epoch)'}")
+        raise TrainingFailed(
+            f"training diverged at epoch {epoch} (loss {loss:.4g}{', ' + why[0] if why else ''}); {kept}; "
+            "try a lower --lr, or --precision float32 (and `fcn doctor` to check this machine)"
         )
     seconds = time.perf_counter() - started
     rates = [r["images_per_s"] for r in recorder.rows if r.get("images_per_s")]
@@ -475,6 +491,18 @@ def _fit(cfg, data, run, strategy, strategy_desc, precision, console, resume_dir
         recorder.stable, recorder.rows, interrupted, seconds, (sum(rates) / len(rates)) if rates else None,
         recorder.commits, recorder.epoch_ends_s,
     )
+
+
+def _precision_record(cfg: TrainConfig) -> dict | None:
+    """The numeric path and the probe's verdict behind it, for config.json."""
+    from fcn_cli import precision
+
+    choice = precision.current(cfg.precision)
+    if choice is None or choice.path is None:
+        return None
+    return {"path": choice.path.name, "label": choice.path.label, "isa_cap": os.environ.get(precision.ISA_ENV),
+            "why": choice.line, "probe": [{k: v for k, v in t.items() if k != "kernels"} for t in choice.verdict.trials]
+            if choice.verdict else None}
 
 
 def _is_multi_worker(strategy) -> bool:
@@ -598,6 +626,12 @@ class EpochRecorder(_keras_callback_base()):
                 self.model.stop_training = True
                 self.commit_best_only()
                 return
+        runaway = runaway_loss(logs.get("loss"), [r["loss"] for r in self.rows])
+        if runaway:
+            self.diverged = (epoch + 1, float(logs["loss"]), runaway)
+            self.model.stop_training = True
+            self.commit_best_only()
+            return
         seconds = time.perf_counter() - self._t0
         miou = float(logs.get("val_miou", float("nan")))
         row = {
@@ -672,6 +706,25 @@ class EpochRecorder(_keras_callback_base()):
     def _would_overrun(self, last_epoch_seconds: float) -> bool:
         elapsed = time.perf_counter() - self._started
         return elapsed + last_epoch_seconds > self.cfg.time_limit * 60
+
+
+# An epoch's mean training loss this many times the lowest epoch's is a run that has left its basin.
+# Healthy runs measured here never exceed 1.0x once past their first epoch (demo: 0.98; CamVid
+# recipes: <= 1.0x with poly decay); the diverging AMX runs passed 4x within a few epochs and went on
+# to 500x (demo) and 1e11x (CamVid) without a NaN (bench/NOTES.md, "runaway training").
+RUNAWAY_FACTOR = 4.0
+
+
+def runaway_loss(loss, earlier: list) -> str | None:
+    """Why this epoch's training loss means a runaway run, or None (NaN is caught per batch)."""
+    finite = [v for v in earlier if v is not None and math.isfinite(v)]
+    if loss is None or not finite or not math.isfinite(float(loss)):
+        return None
+    best = min(finite)
+    if float(loss) > RUNAWAY_FACTOR * best:
+        return f"{float(loss) / best:.0f}x the lowest epoch loss {best:.4g}" if float(loss) >= 10 * best else \
+            f"{float(loss) / best:.1f}x the lowest epoch loss {best:.4g}"
+    return None
 
 
 class StopOnCtrlC(_keras_callback_base()):

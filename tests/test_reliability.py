@@ -49,9 +49,9 @@ def fcn(*args, cwd=None, timeout=300):
                           timeout=timeout, cwd=cwd, env=env)
 
 
-def one_line_error(proc, *needles) -> str:
-    """Exit code 2, exactly one non-empty stderr line, no traceback, every needle in it."""
-    assert proc.returncode == 2, f"rc={proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}"
+def one_line_error(proc, *needles, code=2) -> str:
+    """Exit code ``code`` (2: usage or data error), exactly one non-empty stderr line, no traceback, every needle in it."""
+    assert proc.returncode == code, f"rc={proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}"
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -540,6 +540,26 @@ def test_commits_are_spaced_by_their_cost_and_best_weights_wait_in_memory(tmp_pa
     assert hidden(run.path) == []
 
 
+@pytest.mark.slow
+def test_a_runaway_loss_without_nan_stops_the_run(small_set, tmp_path):
+    """Adam at lr 0.3, constant, float32, seed 0: epoch 1 loss 2.9, epoch 2 about 1.5e4 and finite.
+
+    NaN checks alone would train on; the runaway rule stops at epoch 2 and keeps epoch 1's best.keras.
+    """
+    from fcn_cli.runs import read_checkpoint_meta
+
+    out = tmp_path / "models"
+    proc = fcn("train", "--data", small_set, "--out", out, *TINY32, "--batch-size", "2", "--epochs", "6",
+               "--optimizer", "adam", "--lr", "0.3", "--schedule", "constant", "--checkpoint-overhead", "1")
+    line = one_line_error(proc, "diverged at epoch 2", "x the lowest epoch loss", "--lr", "best.keras", code=3)
+    loss = float(line.split("(loss ")[1].split(",")[0])
+    assert np.isfinite(loss) and loss > 100  # it exploded without reaching NaN
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    assert read_checkpoint_meta(run / "best.keras")["epoch"] == 1
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1]  # the runaway epoch is never logged as a good one
+
+
 def test_time_limit_and_early_stop_commit_what_is_pending(tmp_path):
     from fcn_cli.runs import read_checkpoint_meta
 
@@ -556,7 +576,7 @@ def test_time_limit_and_early_stop_commit_what_is_pending(tmp_path):
 
 
 @pytest.mark.slow
-def test_absurd_learning_rate_exits_2_saying_diverged(small_set, tmp_path):
+def test_absurd_learning_rate_exits_3_saying_diverged(small_set, tmp_path):
     """SGD at lr 1e12, float32, constant schedule, seed 0: deterministic divergence in 3 steps.
 
     The score layers start at zero, so step 1 changes only them (no gradient reaches the encoder);
@@ -569,7 +589,7 @@ def test_absurd_learning_rate_exits_2_saying_diverged(small_set, tmp_path):
     out = tmp_path / "models"
     proc = fcn("train", "--data", small_set, "--out", out, *TINY32, "--batch-size", "2", "--epochs", "3",
                "--optimizer", "sgd", "--lr", "1e12", "--schedule", "constant")
-    one_line_error(proc, "diverged", "--lr")
+    one_line_error(proc, "diverged", "--lr", code=3)
     (run,) = [p for p in out.iterdir() if p.is_dir()]
     rows = list(csv.DictReader(open(run / "log.csv"))) if (run / "log.csv").exists() else []
     for row in rows:  # every epoch the log keeps was a finite one

@@ -1,0 +1,100 @@
+"""`fcn doctor`: what this machine is, which numeric path trains correctly on it, and why.
+
+The verdict comes from fcn_cli.precision (cached per machine; ``recheck`` probes again). Nothing here
+imports TensorFlow: the probe's trials run in their own processes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+from fcn_cli import precision
+
+LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "typer", "rich", "pillow", "h5py", "jax")
+
+
+def versions() -> dict:
+    from fcn_cli import __version__
+
+    found = {"python": platform.python_version(), "fcn-cli": __version__}
+    for dist in LIBRARIES:
+        v = precision._version(dist)
+        if v:
+            found[dist] = v
+    return found
+
+
+def collect(recheck: bool = False, console=None) -> dict:
+    """Everything the report shows, as JSON-ready data."""
+    verdict = precision.verdict(recheck=recheck, console=console)
+    trials = verdict.trials
+    onednn = next((t.get("onednn") for t in trials if t.get("onednn")), None)
+    return {
+        "schema": "fcn-doctor/1",
+        "machine": {**verdict.fingerprint, "cores": _cores()},
+        "versions": {**versions(), **({"onednn": onednn} if onednn else {})},
+        "precision": {**verdict.to_json(), "cached": verdict.cached, "cache_file": str(precision.cache_path(verdict.fingerprint))},
+        "gpu_present": precision.gpu_present(),
+    }
+
+
+def _cores() -> int | None:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
+def report(console, recheck: bool = False, json_path: str | None = None) -> int:
+    from rich.table import Table
+
+    data = collect(recheck, console)
+    if json_path == "-":
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
+        return 0
+    machine, result = data["machine"], data["precision"]
+    table = Table(title="fcn doctor", show_header=False)
+    table.add_row("CPU", f"{machine['cpu']} ({machine['cores']} cores), {machine['machine']}, kernel {machine['kernel']}")
+    table.add_row("CPU flags", " ".join(machine["flags"]) or "—")
+    table.add_row("libraries", ", ".join(f"{k} {v}" for k, v in data["versions"].items()))
+    table.add_row("precision", f"[bold]{result['label']}[/] → `--precision auto` trains in {result['precision']}"
+                  + (f" with {precision.ISA_ENV}={result['isa_cap']}" if result["isa_cap"] else ""))
+    table.add_row("why", result["reason"] or "—")
+    table.add_row("verdict", f"{'cached' if result['cached'] else 'probed now'} ({result['created']}), {result['cache_file']}")
+    if data["gpu_present"]:
+        table.add_row("GPU", "an NVIDIA GPU is present: training follows the GPU rules (bf16 on Ampere+), not this CPU verdict")
+    console.print(table)
+    if result["trials"]:
+        trials = Table(title="precision probe (tiny FCN-8s, easy two-class set, vs float32)")
+        for col in ("path", "result", "grad cosine", "pixel acc", "agree f32", "loss first→final", "AMX kernels", "seconds"):
+            trials.add_column(col)
+        for t in result["trials"]:
+            if t.get("error"):
+                trials.add_row(precision.PATHS[t["path"]].label, "[red]error[/]", t["error"], "", "", "", "", str(t.get("seconds", "")))
+                continue
+            trials.add_row(
+                precision.PATHS[t["path"]].label, "[green]pass[/]" if t["ok"] else "[red]FAIL[/]",
+                f"{t['gradient_cosine']:.3f}", f"{t['accuracy']:.3f}", f"{t['agreement']:.3f}", f"{t['first_loss']:.3g} → {t['final_loss']:.3g}",
+                "yes" if t.get("amx_kernels") else "no", f"{t.get('seconds', 0):.1f}",
+            )
+        console.print(trials)
+        console.print(f"pass: every variable's gradient within cosine {precision.PASS_GRADIENT_COSINE} of float32's, "
+                      f"then after {precision.PROBE_EPOCHS} epochs pixel accuracy ≥ {precision.PASS_ACCURACY} and agreement "
+                      f"with float32 ≥ {precision.PASS_AGREEMENT}; re-run with `fcn doctor --recheck`", highlight=False)
+    if json_path:
+        from pathlib import Path
+
+        from fcn_cli.images import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(Path(json_path), (json.dumps(data, indent=1) + "\n").encode())
+        except OSError as exc:
+            from fcn_cli.errors import FcnError
+
+            raise FcnError(f"{json_path}: cannot write ({exc.strerror or exc}); choose a writable --json path") from None
+        console.print(f"wrote {json_path}")
+    return 0
