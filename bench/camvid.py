@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: fcn_cli importable without installing
+    sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared" / "camvid"
 
 # Shared by both recipes so the comparison is about the recipe, not the model size.
@@ -118,6 +120,11 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         sys.exit(f"{args.data}: CamVid not found; `fcn data download camvid --dir DIR` and pass --data DIR")
+    from fcn_cli import precision
+
+    # The verdict every `fcn train --precision auto` below follows (probed now if this machine has none).
+    verdict = precision.verdict()
+    print(f"precision: {verdict.path.label} ({verdict.reason or 'verified'})", flush=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = args.out / f"camvid-{stamp}"
     work.mkdir(parents=True, exist_ok=True)
@@ -132,7 +139,8 @@ def main() -> None:
     report = {
         "benchmark": "camvid-proof-of-learning",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count(), **verdict.fingerprint},
+        "precision": {k: v for k, v in verdict.to_json().items() if k != "fingerprint"},
         "budget_minutes": args.budget_min,
         "protocol": "CamVid val (101 images), 11 classes, void ignored, scored at 480x360 via `fcn evaluate`",
         "recipes": results,

@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:  # run as a script: make fcn_cli importable withou
 
 SCHEMA = "fcn-bench-speed/1"
 MARK = "@@BENCH@@"
+ISA_ENV = "ONEDNN_MAX_CPU_ISA"  # fcn_cli.precision.ISA_ENV (this process never imports fcn_cli's TF parts)
 DEFAULT_DATA = ROOT.parent / "shared" / "camvid"
 CAMVID_TRAIN_PAIRS = 367  # steps_per_epoch that `fcn train` would use on CamVid = 367 // batch
 
@@ -175,12 +176,21 @@ def child_env() -> dict:
     return env
 
 
-def run_part(name: str, args: list[str], timeout: float) -> dict:
-    """Run `speed.py --part name args` in a fresh process; its JSON, or {"error": ...}."""
+def run_part(name: str, args: list[str], timeout: float, isa_cap: str | None | bool = False) -> dict:
+    """Run `speed.py --part name args` in a fresh process; its JSON, or {"error": ...}.
+
+    ``isa_cap``: False keeps this process's ONEDNN_MAX_CPU_ISA (the verdict's), None removes it, a
+    string sets it (the precision lever row).
+    """
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, *args]
+    env = child_env()
+    if isa_cap is not False:
+        env.pop(ISA_ENV, None)
+        if isa_cap:
+            env[ISA_ENV] = isa_cap
     started = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"error": f"part {name} timed out after {timeout:.0f} s"}
     wall = round(time.perf_counter() - started, 2)
@@ -397,6 +407,9 @@ def part_train(args, sizes) -> dict:
             model = build_fcn(cfg.variant, num_classes, None, cfg.width, cfg.head_width)
             out["build_s"] = round(time.perf_counter() - started, 3)
             compile_model(model, make_optimizer(cfg, steps_per_epoch), num_classes, ignore)
+        from fcn_cli.train import precision_line
+
+        out["precision_why"] = precision_line(args.precision, precision)[0]
         out.update(precision=precision, precision_requested=args.precision, strategy=strategy_desc,
                    optimizer=f"{cfg.optimizer} lr {cfg.lr} schedule {cfg.schedule} (make_optimizer)",
                    loss="SparseCategoricalCrossentropy(from_logits=True) + sample weights; metrics MeanIoU, PixelAccuracy (compile_model)")
@@ -413,6 +426,7 @@ def part_train(args, sizes) -> dict:
     if args.jit:
         model.jit_compile = True
     out["jit_compile"] = bool(model.jit_compile)
+    out[ISA_ENV] = os.environ.get(ISA_ENV)  # the oneDNN ISA cap this process ran under (None: all of the CPU)
     out["params"] = int(model.count_params())
     flops = count_flops(model, size, size)
     out["flops_forward_per_image"] = flops
@@ -760,6 +774,9 @@ def orchestrate(args) -> dict:
         cli["help"] = time_command([str(fcn), "--help"], sizes["help_repeats"], 120) if fcn else {"error": "no fcn executable"}
         result["cli"] = cli
 
+        say("precision verdict (fcn_cli.precision: probe or cache)")
+        result["precision"] = precision_verdict(args)
+
         say("ceilings (matmul, conv3x3)")
         result["ceilings"] = run_part("ceilings", common + (["--nchw"] if args.nchw else []), timeout)
 
@@ -774,6 +791,9 @@ def orchestrate(args) -> dict:
         say("train + infer: plain-Keras baseline")
         models["baseline"] = run_part("train", common + ["--flavor", "baseline"], timeout)
         result["models"] = models
+
+        if not args.no_precision_levers:
+            result["precision_paths"] = precision_paths(args, common, timeout, say)
 
         if (Path(args.data) / "train").is_dir():
             say("whole epochs through fcn train (CamVid)")
@@ -804,6 +824,51 @@ def orchestrate(args) -> dict:
         result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def precision_verdict(args) -> dict:
+    """The verdict `fcn train --precision auto` follows here; its ISA cap goes to every child from now on."""
+    from fcn_cli import precision
+
+    found = precision.verdict()
+    if args.precision == "auto" and found.path.isa_cap:
+        os.environ[ISA_ENV] = found.path.isa_cap
+    record = found.to_json()
+    record["cached"] = found.cached
+    record["children_run_with"] = {ISA_ENV: os.environ.get(ISA_ENV)}
+    for trial in record["trials"]:
+        trial.pop("kernels", None)
+    return record
+
+
+def precision_paths(args, common: list[str], timeout: float, say) -> dict:
+    """The lever row: every numeric path this CPU offers, each with its speed and whether it learns.
+
+    "learns" is the precision probe's trial for that path (fcn_cli.precision.run_trial), run here for
+    every path, not only up to the first that passes; speed is the product's train part (training and
+    inference of the full model) in a child with that path's oneDNN ISA cap.
+    """
+    from fcn_cli import precision
+
+    rows = {}
+    for path in precision.candidates():
+        say(f"precision lever: {path.label}")
+        trial = precision.run_trial(path)
+        trial.pop("kernels", None)
+        trial.pop("reference", None)
+        speed = run_part("train", common + ["--flavor", "product", "--precision", path.precision], timeout,
+                         isa_cap=path.isa_cap)
+        rows[path.name] = {
+            "label": path.label, "precision": path.precision, "isa_cap": path.isa_cap, "learns": trial["ok"],
+            "probe": trial, "train_images_per_s": (speed.get("train") or {}).get("images_per_s"),
+            "inference_images_per_s": (speed.get("inference") or {}).get("images_per_s"),
+            **({"error": speed["error"]} if "error" in speed else {}),
+        }
+    learned = [n for n, r in rows.items() if r["learns"] and r.get("train_images_per_s")]
+    fastest = max(learned, key=lambda n: rows[n]["train_images_per_s"]) if learned else None
+    return {"paths": rows, "fastest_correct": fastest,
+            "how": "each path: the probe trial (learns?) and the product train part (full model) in a child "
+                   "with that path's ONEDNN_MAX_CPU_ISA; compare within this run only"}
 
 
 def derive(result: dict) -> None:
@@ -942,6 +1007,16 @@ def print_table(result: dict, path: Path) -> None:
     ):
         other.add_row(label, fmt(g(result, *keys), 3), unit, fmt(len(g(result, "epochs", "epochs") or []) or None))
     console.print(other)
+    levers = g(result, "precision_paths", "paths") or {}
+    if levers:
+        table = Table(title=f"precision paths (auto chose: {g(result, 'precision', 'label')}; "
+                            f"fastest correct here: {g(result, 'precision_paths', 'fastest_correct')})")
+        for col in ("path", "learns (probe)", "train img/s", "inference img/s"):
+            table.add_column(col)
+        for row in levers.values():
+            table.add_row(row["label"], "yes" if row["learns"] else "NO", fmt(row.get("train_images_per_s"), 2),
+                          fmt(row.get("inference_images_per_s"), 2))
+        console.print(table)
     for where, err in result.get("errors", {}).items():
         console.print(f"[yellow]not measured[/] {where}: {err[:300]}")
     console.print(f"wrote {path}  ({result['wall_s']} s)")
@@ -958,6 +1033,8 @@ def parse_args(argv=None):
     p.add_argument("--inter", type=int, default=None, help="lever: inter-op threads (default TF's)")
     p.add_argument("--nchw", action="store_true", help="lever: also measure the conv ceilings in NCHW")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--no-precision-levers", action="store_true",
+                   help="skip the row that times every numeric path (bf16 with/without AMX, float32)")
     # child-only
     p.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     p.add_argument("--flavor", choices=("product", "baseline"), default="product", help=argparse.SUPPRESS)

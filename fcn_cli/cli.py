@@ -108,6 +108,16 @@ def _console():
     return Console()
 
 
+def _resumed_precision(run: Path) -> str:
+    """The --precision a run folder was started with (read without TensorFlow; errors surface later)."""
+    import json
+
+    try:
+        return str(json.loads((run / "config.json").read_text()).get("precision", "auto"))
+    except (OSError, ValueError, AttributeError):
+        return "auto"
+
+
 def _settle_precision(requested: str = "auto") -> None:
     """Decide the CPU numeric path before TensorFlow starts: oneDNN reads its ISA cap only then.
 
@@ -181,12 +191,7 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch (its own settings; --epochs may extend it).")] = None,
 ):
     """Train an FCN; writes a run folder under --out with config, CSV log, curves and checkpoints."""
-    if resume is None:
-        _settle_precision(precision.value)
-    else:
-        from fcn_cli.runs import RunFolder
-
-        _settle_precision(RunFolder(resume).read_config().get("precision", "auto") if (resume / "config.json").exists() else "auto")
+    _settle_precision(_resumed_precision(resume) if resume else precision.value)
     _quiet_tensorflow()
     from fcn_cli.train import TrainConfig, train as run_training
 

@@ -262,25 +262,29 @@ def _computes_on_cpu() -> bool:
     return False
 
 
-def serving_config(config):
+def serving_config(config, bf16: bool = True):
     """A saved model's config arranged for inference, with identical outputs.
 
     Mixed dtype policies become their compute dtype (``mixed_bfloat16`` -> ``bfloat16``; the float32
     logits layer stays float32): a mixed layer casts its float32 weights to bf16 on every call, 134M
     of them per FCN-8s forward, and holding them in bf16 skips that (5% faster, half the memory).
     MatmulConv2D layers take ``kernel_layout="oi"``. Weights load from the same file, unchanged.
+    ``bf16=False`` (a machine whose precision probe failed every bf16 path) serves bf16 models in float32.
     """
     if isinstance(config, list):
-        return [serving_config(v) for v in config]
+        return [serving_config(v, bf16) for v in config]
     if not isinstance(config, dict):
         return config
     # No optimizer for serving: a compiled checkpoint (last.keras) loads as the bare network.
-    config = {k: serving_config(v) for k, v in config.items() if k != "compile_config"}
+    config = {k: serving_config(v, bf16) for k, v in config.items() if k != "compile_config"}
     inner = config.get("config")
     if config.get("class_name") == "DTypePolicy" and isinstance(inner, dict):
         name = str(inner.get("name", ""))
         if name.startswith("mixed_"):
-            config["config"] = {**inner, "name": name.removeprefix("mixed_")}
+            name = name.removeprefix("mixed_")
+        if not bf16 and name == "bfloat16":
+            name = "float32"
+        config["config"] = {**inner, "name": name}
     if config.get("registered_name") == "fcn>MatmulConv2D" and isinstance(inner, dict):
         config["config"] = {**config["config"], "kernel_layout": "oi"}
     return config

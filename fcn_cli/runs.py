@@ -151,12 +151,14 @@ def load_checkpoint(path: Path, num_classes: int | None = None, compile: bool = 
     import fcn_cli.model  # registers MatmulConv2D and SmallMapConv2D; serving_config
     import fcn_cli.optimizers  # noqa: F401  registers FusedAdam (the optimizer inside last.keras)
 
+    from fcn_cli.precision import bf16_verified
+
     path = Path(path)
     meta = read_checkpoint_meta(path)
     try:
         if for_inference:
             with zipfile.ZipFile(path) as zf:
-                config = fcn_cli.model.serving_config(json.loads(zf.read("config.json")))
+                config = fcn_cli.model.serving_config(json.loads(zf.read("config.json")), bf16=bf16_verified())
             model = keras.saving.deserialize_keras_object(config, safe_mode=True)
             load_weights(model, path)  # float32 values, cast into the compute-dtype variables
         else:

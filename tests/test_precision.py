@@ -198,3 +198,24 @@ def test_runaway_rule():
     assert "x the lowest epoch loss 1.5" in runaway_loss(RUNAWAY_FACTOR * 1.5 * 1.01, [2.0, 1.5])
     assert runaway_loss(float("nan"), [1.0]) is None  # NaN has its own, earlier check
     assert np.isfinite(RUNAWAY_FACTOR)
+
+
+def test_inference_serves_bf16_checkpoints_in_float32_where_bf16_failed(monkeypatch):
+    import keras
+
+    from fcn_cli.model import build_fcn, serving_config
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    assert precision.bf16_verified()  # no verdict yet: inference never probes, keeps the trained precision
+    fake_trials(monkeypatch, {"bf16": False})
+    precision.verdict()
+    assert not precision.bf16_verified()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        config = build_fcn("fcn8", 12, None, width=1 / 16, head_width=16).get_config()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    served = keras.Model.from_config(serving_config(config, bf16=False))
+    assert {layer.dtype_policy.name for layer in served.layers} == {"float32"}
+    served = keras.Model.from_config(serving_config(config))
+    assert "bfloat16" in {layer.dtype_policy.name for layer in served.layers}
