@@ -95,7 +95,7 @@ def child(name: str) -> dict:
 
 def run_case(name: str, cap: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
-    env.update(TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow", ONEDNN_VERBOSE="1")
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow", ONEDNN_VERBOSE="1", CUDA_VISIBLE_DEVICES="-1")
     if cap:
         env["ONEDNN_MAX_CPU_ISA"] = cap
     started = time.perf_counter()

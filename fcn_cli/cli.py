@@ -1,7 +1,8 @@
 """The `fcn` command line. Thin commands: parse flags, call library modules, print, set the exit code.
 
 Nothing here imports TensorFlow at import time, so `fcn --help` stays fast; each command imports
-what it needs. Every user error (FcnError) is printed as one line on stderr with exit code 2.
+what it needs. Every user error (FcnError) is printed as one line on stderr with exit code 2; a
+training run that went wrong (TrainingFailed: divergence, runaway loss, a failed demo) exits 3.
 """
 
 from __future__ import annotations
@@ -191,6 +192,13 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch (its own settings; --epochs may extend it).")] = None,
 ):
     """Train an FCN; writes a run folder under --out with config, CSV log, curves and checkpoints."""
+    # Cheap checks before a first-run precision probe makes a typo wait for it.
+    if resume is not None and not resume.is_dir():
+        raise FcnError(f"{resume}: run folder not found; give --resume a folder written by fcn train (models/fcn8-...)")
+    if resume is None:
+        from fcn_cli.train import require_data_folder
+
+        require_data_folder(data)
     _settle_precision(_resumed_precision(resume) if resume else precision.value)
     _quiet_tensorflow()
     from fcn_cli.train import TrainConfig, train as run_training

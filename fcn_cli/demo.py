@@ -18,9 +18,19 @@ DEMO_HEAD_WIDTH = 128
 # bf16 with and without AMX, float32; seeds 0-2: bench/NOTES.md, "demo bar"); the broken AMX path
 # reached 0.196. Below this bar the run, not the recipe, went wrong.
 DEMO_PASS_MIOU = 0.50
+DEMO_EPOCHS = 40
 
 
-def run_demo(out: Path, epochs: int = 40, seed: int = 0, console=None) -> dict:
+def demo_verdict(miou: float, epochs: int) -> tuple[bool, str]:
+    """(passed, what to print): the bar holds for the recipe as measured, not for a shortened run."""
+    if epochs < DEMO_EPOCHS:
+        return True, f"{epochs} epochs: not judged"
+    if miou >= DEMO_PASS_MIOU:
+        return True, "as expected"
+    return False, f"BELOW the {DEMO_PASS_MIOU:.2f} this recipe reliably reaches"
+
+
+def run_demo(out: Path, epochs: int = DEMO_EPOCHS, seed: int = 0, console=None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -47,8 +57,9 @@ def run_demo(out: Path, epochs: int = 40, seed: int = 0, console=None) -> dict:
     try:
         result = train(cfg, console)
     except TrainingFailed as exc:
-        raise TrainingFailed(f"the demo's training went wrong on this machine: {exc}; "
-                             "run `fcn doctor` to check which precision trains correctly here") from None
+        raise TrainingFailed(f"the demo's training diverged at epoch {exc.epoch} (loss {exc.loss:.4g}): training goes "
+                             "wrong on this machine; run `fcn doctor` to check which precision trains correctly here",
+                             exc.epoch, exc.loss) from None
     checkpoint = result.stable_path or Path(result.run_dir) / "best.keras"
 
     console.rule("3/4  evaluate on the val split")
@@ -61,8 +72,7 @@ def run_demo(out: Path, epochs: int = 40, seed: int = 0, console=None) -> dict:
 
     seconds = time.perf_counter() - started
     table = Table(title="fcn demo", show_header=False)
-    passed = scores["mean_iou"] >= DEMO_PASS_MIOU
-    verdict = "as expected" if passed else f"BELOW the {DEMO_PASS_MIOU:.2f} this recipe reliably reaches"
+    passed, verdict = demo_verdict(scores["mean_iou"], epochs)
     table.add_row("val mean IoU", f"{scores['mean_iou']:.3f} ({verdict}; chance ≈ {1 / 11:.3f})")
     table.add_row("val pixel accuracy", f"{scores['pixel_accuracy']:.3f}")
     table.add_row("epochs / time", f"{result.epochs_done} / {seconds:.0f} s")

@@ -50,9 +50,11 @@ def _cores() -> int | None:
 
 
 def report(console, recheck: bool = False, json_path: str | None = None) -> int:
+    from rich.console import Console
     from rich.table import Table
 
-    data = collect(recheck, console)
+    # With the JSON on stdout, the probe's progress line goes to stderr.
+    data = collect(recheck, Console(stderr=True) if json_path == "-" else console)
     if json_path == "-":
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
         return 0

@@ -11,3 +11,7 @@ class TrainingFailed(FcnError):
     """Training ran but went wrong (divergence, a runaway loss): the user's files were fine."""
 
     exit_code = 3
+
+    def __init__(self, message: str, epoch: int | None = None, loss: float | None = None):
+        super().__init__(message)
+        self.epoch, self.loss = epoch, loss

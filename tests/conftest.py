@@ -12,7 +12,7 @@ from fcn_cli.synthetic import generate_synthetic
 
 # The suite probes precision afresh on every machine it runs on (once per session), and never touches
 # the user's own verdict cache.
-os.environ.setdefault("FCN_CACHE_DIR", tempfile.mkdtemp(prefix="fcn-test-cache-"))
+os.environ["FCN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fcn-test-cache-")
 
 # ../shared/camvid beside the repository (see /work/shared/camvid/README.md); never copied into the repo.
 CAMVID_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "camvid"
