@@ -196,7 +196,7 @@ def train(
     if resume is not None and not resume.is_dir():
         raise FcnError(f"{resume}: run folder not found; give --resume a folder written by fcn train (models/fcn8-...)")
     if resume is None:
-        from fcn_cli.train import require_data_folder
+        from fcn_cli.datasets import require_data_folder
 
         require_data_folder(data)
     _settle_precision(_resumed_precision(resume) if resume else precision.value)

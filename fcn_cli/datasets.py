@@ -517,3 +517,12 @@ def _classes_table(report: CheckReport, classes: ClassTable):
         swatch = f"[on rgb({r},{g},{b})]      [/]"
         table.add_row(str(index), name + note, swatch, f"{100 * share[index]:.2f} %", f"{weights[index]:.3f}")
     return table
+
+
+def require_data_folder(data_dir: Path) -> None:
+    """One line naming the missing training folder and how to get data into it."""
+    if not Path(data_dir).exists():
+        raise FcnError(
+            f"{data_dir}: data folder not found; get CamVid with `fcn data download camvid --dir {data_dir}` "
+            "or make a demo set with `fcn data synthetic DIR` and pass --data DIR"
+        )

@@ -308,18 +308,10 @@ class _Data:
     n_val: int
 
 
-def require_data_folder(data_dir: Path) -> None:
-    if not Path(data_dir).exists():
-        raise FcnError(
-            f"{data_dir}: data folder not found; get CamVid with `fcn data download camvid --dir {data_dir}` "
-            "or make a demo set with `fcn data synthetic DIR` and pass --data DIR"
-        )
-
-
 def prepare_data(cfg: TrainConfig, console, strategy=None) -> _Data:
     from fcn_cli import pipeline, shards
     from fcn_cli.classes import load_classes
-    from fcn_cli.datasets import find_dataset, quick_check
+    from fcn_cli.datasets import find_dataset, quick_check, require_data_folder
 
     classes = load_classes(cfg.classes)
     data_dir = Path(cfg.data)

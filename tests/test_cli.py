@@ -252,3 +252,13 @@ def test_help_does_not_import_tensorflow():
     subprocess.run([sys.executable, "-c", code], check=True)
     proc = fcn("--help", check=0)
     assert "train" in proc.stdout and "predict" in proc.stdout
+
+
+def test_precision_is_settled_before_tensorflow_starts(tmp_path):
+    """oneDNN reads its ISA cap once, when TensorFlow starts: every step before the cap is set must stay TF-free."""
+    code = ("import sys, pathlib; from fcn_cli import cli, datasets, doctor, precision\n"
+            "datasets.require_data_folder(pathlib.Path('.'))\n"
+            "cli._resumed_precision(pathlib.Path('nowhere')); precision.candidates(); precision.fingerprint()\n"
+            "cli._settle_precision('inference')\n"
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported too early'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
