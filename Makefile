@@ -11,7 +11,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	# An older fcn installed tensorflow-cpu; two TensorFlow distributions would share one folder.
+	$(PY) -m pip uninstall -q -y tensorflow-cpu 2>/dev/null || true
+	$(PY) -m pip install -q -e ".[test,jax]"
 	touch $@
 
 demo: install

@@ -470,10 +470,13 @@ def part_train(args, sizes) -> dict:
         started = time.perf_counter()
         save_checkpoint(model, last, meta)
         last_s = time.perf_counter() - started
-        twin = keras.Model.from_config(model.get_config())  # uncompiled, as fcn train's best-weights twin
+        from fcn_cli.model import portable_config
+
+        # Uncompiled stock layers, as fcn train's best-weights twin: best.keras is plain Keras.
+        twin = keras.Model.from_config(portable_config(model.get_config()))
         twin.set_weights(model.get_weights())
         started = time.perf_counter()
-        save_checkpoint(twin, best, meta)
+        save_checkpoint(twin, best, meta, portable=True)
         record = {
             "last": {"save_s": round(last_s, 3), "bytes": last.stat().st_size, "with_optimizer_state": True},
             "best": {"path": str(best), "save_s": round(time.perf_counter() - started, 3),

@@ -140,7 +140,9 @@ def _settle_precision(requested: str = "auto") -> None:
 
 
 def _quiet_tensorflow() -> None:
-    """Import TensorFlow now, with its start-up chatter (oneDNN / CPU-feature notices) kept off stderr."""
+    """Import TensorFlow now, with its start-up chatter (oneDNN / CPU-feature notices, and the CUDA
+    build's "failed call to cuInit" on a machine without a GPU, said when it first looks for one)
+    kept off stderr."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if "tensorflow" in sys.modules or os.environ.get("FCN_DEBUG"):
@@ -150,8 +152,10 @@ def _quiet_tensorflow() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        import tensorflow
         import keras  # noqa: F401
+
+        tensorflow.config.list_physical_devices("GPU")  # device discovery: no runtime set up yet
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -67,6 +67,9 @@ def report(console, recheck: bool = False, json_path: str | None = None) -> int:
                   + (f" with {precision.ISA_ENV}={result['isa_cap']}" if result["isa_cap"] else ""))
     table.add_row("why", result["reason"] or "—")
     table.add_row("verdict", f"{'cached' if result['cached'] else 'probed now'} ({result['created']}), {result['cache_file']}")
+    if "tensorflow" in data["versions"] and "tensorflow-cpu" in data["versions"]:
+        table.add_row("[yellow]warning[/]", "tensorflow and tensorflow-cpu are both installed and share one folder: "
+                      "`pip uninstall -y tensorflow-cpu tensorflow && pip install tensorflow`")
     if data["gpu_present"]:
         table.add_row("GPU", "an NVIDIA GPU is present: training follows the GPU rules (bf16 on Ampere+), not this CPU verdict")
     console.print(table)

@@ -38,8 +38,16 @@ def build_fcn(
     width: float = 1.0,
     head_width: int = 4096,
     dropout: float = 0.5,
+    accel: bool | None = None,
 ) -> keras.Model:
-    """An FCN for RGB images of any size that is a multiple of 32; returns (B, H, W, num_classes) logits."""
+    """An FCN for RGB images of any size that is a multiple of 32; returns (B, H, W, num_classes) logits.
+
+    ``accel``: fcn's CPU kernels (SmallMapConv2D for the VGG convolutions, MatmulConv2D for fc6/fc7;
+    same weights and outputs as Conv2D); default :func:`accel_default`. Off, every layer is stock Keras.
+    """
+    if accel is None:
+        accel = accel_default()
+    conv, head = (SmallMapConv2D, MatmulConv2D) if accel else (layers.Conv2D, layers.Conv2D)
     if variant not in VARIANTS:
         raise FcnError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if width <= 0 or head_width < 1 or num_classes < 1:
@@ -56,17 +64,15 @@ def build_fcn(
     pools = {}
     for block, convs, filters in VGG16_BLOCKS:
         for i in range(1, convs + 1):
-            x = SmallMapConv2D(
-                _scaled(filters, width), 3, padding="same", activation="relu", name=f"block{block}_conv{i}"
-            )(x)
+            x = conv(_scaled(filters, width), 3, padding="same", activation="relu", name=f"block{block}_conv{i}")(x)
         x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
         pools[block] = x
 
     # fc6/fc7 "convolutionalized": 7x7 and 1x1 convolutions ('same' keeps conv7 at H/32), computed
     # as what they are, fully connected layers applied at every window (MatmulConv2D: same weights).
-    x = MatmulConv2D(head_width, 7, padding="same", activation="relu", name="conv6")(pools[5])
+    x = head(head_width, 7, padding="same", activation="relu", name="conv6")(pools[5])
     x = layers.Dropout(dropout, name="drop6")(x)
-    x = MatmulConv2D(head_width, 1, activation="relu", name="conv7")(x)
+    x = head(head_width, 1, activation="relu", name="conv7")(x)
     x = layers.Dropout(dropout, name="drop7")(x)
     score = _score(num_classes, "score_fr")(x)
 
@@ -245,6 +251,80 @@ class SmallMapConv2D(layers.Conv2D):
             return keras.ops.add(convolve(x, w), keras.ops.reshape(b, (1, 1, 1, -1))), grad
 
         return conv(inputs, kernel, bias)
+
+
+def accel_default() -> bool:
+    """fcn's CPU kernels where they were measured to pay: the backend computes on the CPU (fcn_cli.devices)."""
+    from fcn_cli.devices import accel_allowed
+
+    return accel_allowed() and _computes_on_cpu()
+
+
+# Checkpoints hold stock layers; fcn swaps its kernels in by layer name when it loads them.
+_FAST_LAYERS = {"fcn>MatmulConv2D": "MatmulConv2D", "fcn>SmallMapConv2D": "SmallMapConv2D"}
+
+
+def _fast_layer_for(name: str) -> str | None:
+    if name in ("conv6", "conv7"):
+        return "fcn>MatmulConv2D"
+    if name.startswith("block") and "_conv" in name:
+        return "fcn>SmallMapConv2D"
+    return None
+
+
+def portable_config(config):
+    """A model config with fcn's kernels written as the stock ``Conv2D`` they compute (same weights, same
+    outputs): a checkpoint that ``keras.saving.load_model`` reads without fcn_cli installed."""
+    if isinstance(config, list):
+        return [portable_config(v) for v in config]
+    if not isinstance(config, dict):
+        return config
+    config = {k: portable_config(v) for k, v in config.items()}
+    if config.get("registered_name") in _FAST_LAYERS:
+        inner = {k: v for k, v in config["config"].items() if k != "kernel_layout"}
+        config.update(module="keras.layers", class_name="Conv2D", registered_name=None, config=inner)
+    return config
+
+
+def stock_model(model: keras.Model) -> keras.Model:
+    """``model`` itself if it has only stock layers, else a copy built from :func:`portable_config`
+    holding the same weights (a saved file keys weights by layer class)."""
+    if not any(isinstance(layer, (MatmulConv2D, SmallMapConv2D)) for layer in model.layers):
+        return model
+    return with_layers_of(model, keras.Model.from_config(portable_config(model.get_config())))
+
+
+def with_layers_of(source: keras.Model, target: keras.Model) -> keras.Model:
+    """``target`` (the same network, other layer classes or weight layouts) holding ``source``'s weights.
+
+    Each layer hands its weights over in the saved-file layout (``save_own_variables`` /
+    ``load_own_variables``), which every variant of a layer shares."""
+    for src, dst in zip(source.layers, target.layers):
+        if src.weights:
+            store = {}
+            src.save_own_variables(store)
+            dst.load_own_variables(store)
+    return target
+
+
+def accelerated_config(config, accel: bool | None = None):
+    """The inverse of :func:`portable_config` where fcn's CPU kernels are on (``accel``, default
+    :func:`accel_default`); where they are off, fcn's kernels (older checkpoints) become stock layers."""
+    if accel is None:
+        accel = accel_default()
+    if not accel:
+        return portable_config(config)
+    if isinstance(config, list):
+        return [accelerated_config(v, accel) for v in config]
+    if not isinstance(config, dict):
+        return config
+    config = {k: accelerated_config(v, accel) for k, v in config.items()}
+    inner = config.get("config")
+    if config.get("class_name") == "Conv2D" and config.get("module") == "keras.layers" and isinstance(inner, dict):
+        fast = _fast_layer_for(str(inner.get("name", "")))
+        if fast:
+            config.update(module=__name__, class_name=_FAST_LAYERS[fast], registered_name=fast)
+    return config
 
 
 @functools.lru_cache(maxsize=None)

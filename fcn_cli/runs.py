@@ -70,12 +70,16 @@ def read_json(path: Path) -> dict:
 # --- checkpoints ------------------------------------------------------------------------------
 
 
-def save_checkpoint(model, path: Path, meta: dict) -> None:
-    """Save ``model`` (with optimizer state) to ``path`` atomically, with ``meta`` embedded."""
-    commit_checkpoint(prepare_checkpoint(model, path, meta), path)
+def save_checkpoint(model, path: Path, meta: dict, portable: bool = False) -> None:
+    """Save ``model`` (with optimizer state) to ``path`` atomically, with ``meta`` embedded.
+
+    ``portable``: fcn's kernels are written as the stock Conv2D they compute, so that plain Keras
+    (``keras.saving.load_model``, no fcn_cli) reads the file; fcn puts its kernels back when it loads.
+    """
+    commit_checkpoint(prepare_checkpoint(model, path, meta, portable), path)
 
 
-def prepare_checkpoint(model, path: Path, meta: dict) -> Path:
+def prepare_checkpoint(model, path: Path, meta: dict, portable: bool = False) -> Path:
     """Write the complete checkpoint to a temporary file beside ``path``; nothing else changes yet."""
     path = Path(path)
     tmp = None
@@ -86,7 +90,10 @@ def prepare_checkpoint(model, path: Path, meta: dict) -> Path:
             os.fchmod(fd, _umask_mode())
         finally:
             os.close(fd)
-        save_keras(model, tmp, {META_ENTRY: json.dumps(meta, indent=2, sort_keys=True).encode()})
+        from fcn_cli.model import stock_model
+
+        save_keras(stock_model(model) if portable else model, tmp,
+                   {META_ENTRY: json.dumps(meta, indent=2, sort_keys=True).encode()})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         return Path(tmp)
@@ -158,9 +165,16 @@ def load_checkpoint(path: Path, num_classes: int | None = None, compile: bool = 
     try:
         if for_inference:
             with zipfile.ZipFile(path) as zf:
-                config = fcn_cli.model.serving_config(json.loads(zf.read("config.json")), bf16=bf16_verified())
-            model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+                saved = json.loads(zf.read("config.json"))
+            bf16 = bf16_verified()
+            # The weights are keyed by the layer classes the file was written with; fcn's kernels
+            # (where they pay here) get them layer by layer from a model of those classes.
+            written = fcn_cli.model.serving_config(saved, bf16=bf16)
+            wanted = fcn_cli.model.serving_config(fcn_cli.model.accelerated_config(saved), bf16=bf16)
+            model = keras.saving.deserialize_keras_object(written, safe_mode=True)
             load_weights(model, path)  # float32 values, cast into the compute-dtype variables
+            if wanted != written:
+                model = fcn_cli.model.with_layers_of(model, keras.saving.deserialize_keras_object(wanted, safe_mode=True))
         else:
             model = keras.saving.load_model(path, compile=compile, safe_mode=True)
     except Exception as exc:
@@ -263,7 +277,9 @@ class RunFolder:
 
     def save_checkpoint(self, model, which: str, meta: dict) -> Path:
         path = self.path / f"{which}.keras"
-        save_checkpoint(model, path, meta)
+        # best.keras is what users take home: readable by plain Keras. last.keras keeps fcn's kernels
+        # for --resume, whose optimizer state belongs to them.
+        save_checkpoint(model, path, meta, portable=which == "best")
         return path
 
     def end_epoch(self, model, meta: dict, rows: list[dict], state: dict) -> None:

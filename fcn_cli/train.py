@@ -96,18 +96,11 @@ def choose_precision(requested: str = "auto", console=None) -> str:
     """
     if requested not in PRECISIONS:
         raise FcnError(f"unknown --precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
-    import tensorflow as tf
+    from fcn_cli import devices, precision
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        if requested != "auto":
-            return requested
-        caps = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0)) for g in gpus]
-        if all(c >= (8, 0) for c in caps):
-            return "mixed_bfloat16"
-        return "mixed_float16" if all(c >= (7, 0) for c in caps) else "float32"
-    from fcn_cli import precision
-
+    found = devices.local_devices()
+    if any(d.kind == "GPU" for d in found):
+        return devices.plan(found, requested).precision
     return precision.choose(requested, console).precision
 
 
@@ -129,15 +122,19 @@ def make_strategy(name: str = "auto"):
 
     if name not in STRATEGIES:
         raise FcnError(f"unknown --strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    from fcn_cli import devices
+
     cluster = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}").get("cluster", {})
     workers = sum(len(v) for v in cluster.values()) if cluster else 0
-    if name == "multi-worker" or (name == "auto" and workers > 1):
+    # Multi-worker collectives must be set up before TensorFlow looks at its devices: TF_CONFIG decides alone.
+    if devices.plan([], strategy=name, workers=workers).strategy == "multi-worker":
         if not cluster:
             raise FcnError("--strategy multi-worker needs TF_CONFIG naming the cluster (see README)")
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         return strategy, f"multi-worker ({workers} workers, {strategy.num_replicas_in_sync} replicas)"
-    gpus = tf.config.list_logical_devices("GPU")
-    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+    found = devices.local_devices()
+    gpus = [d for d in found if d.kind == "GPU"]
+    if devices.plan(found, strategy=name, workers=workers).strategy == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
         return strategy, f"mirrored ({strategy.num_replicas_in_sync} replicas)"
     strategy = tf.distribute.get_strategy()
@@ -169,9 +166,11 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     else:
         raise FcnError(f"unknown --schedule {cfg.schedule!r}; choose constant, poly or cosine")
     if cfg.optimizer == "adam":
+        from fcn_cli.model import accel_default
         from fcn_cli.optimizers import FusedAdam
 
-        return FusedAdam(lr)  # Keras's Adam in one kernel per variable (bench/NOTES.md)
+        # Keras's Adam in one kernel per variable where fcn's CPU kernels are on (bench/NOTES.md).
+        return FusedAdam(lr) if accel_default() else keras.optimizers.Adam(lr)
     if cfg.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9)
     raise FcnError(f"unknown --optimizer {cfg.optimizer!r}; choose adam or sgd")
@@ -593,8 +592,11 @@ class EpochRecorder(_keras_callback_base()):
         # the strategy's scope); from the config, not keras.models.clone_model: a clone of a
         # compiled model is compiled too, and its optimizer state would end up in best.keras.
         if self._twin is None:
+            from fcn_cli.model import portable_config
+
+            # Stock layers: best.keras is what users take home, and plain Keras must read it.
             with self.strategy.scope() if self.strategy is not None else contextlib.nullcontext():
-                self._twin = keras.Model.from_config(self.model.get_config())
+                self._twin = keras.Model.from_config(portable_config(self.model.get_config()))
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()

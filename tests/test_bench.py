@@ -32,3 +32,17 @@ def test_bench_train_and_inference_part_runs(flavor):
         assert result["checkpoint"]["last"]["with_optimizer_state"] and result["checkpoint"]["best"]["bytes"] > 0
     else:
         assert result["precision"] == "float32"
+
+
+def test_gpu_check_runs_on_the_cpu_at_tiny_width(tmp_path):
+    """bench/gpu_check.py is what one lent GPU run executes: it must work before that run, here under JAX."""
+    pytest.importorskip("jax", reason="the GPU check runs under KERAS_BACKEND=jax; install the jax extra")
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["learns"]["ok"] and result["ceiling"]["gflops"] > 0
+    for run in result["runs"]:
+        assert run["train"]["images_per_s"] > 0 and run["inference"]["images_per_s"] > 0
+        assert 0 < run["train"]["fraction_of_bf16_matmul_ceiling"]
