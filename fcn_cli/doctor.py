@@ -88,7 +88,7 @@ def report(console, recheck: bool = False, json_path: str | None = None) -> int:
             )
         console.print(trials)
         console.print(f"pass: every variable's gradient within cosine {precision.PASS_GRADIENT_COSINE} of float32's, "
-                      f"then after {precision.PROBE_EPOCHS} epochs pixel accuracy ≥ {precision.PASS_ACCURACY} and agreement "
+                      f"two finite steps of the full-width FCN-8s, then after {precision.PROBE_EPOCHS} epochs pixel accuracy ≥ {precision.PASS_ACCURACY} and agreement "
                       f"with float32 ≥ {precision.PASS_AGREEMENT}; re-run with `fcn doctor --recheck`", highlight=False)
     if json_path:
         from pathlib import Path

@@ -80,12 +80,12 @@ def build_fcn(
         logits = upsample(score, num_classes, 32, "upscore32", trainable=False)
     else:
         score = upsample(score, num_classes, 2, "upscore2")
-        score = layers.Add(name="fuse_pool4")([score, _score(num_classes, "score_pool4")(pools[4])])
+        score = layers.Add(name="fuse_pool4", dtype=CLASS_LAYER_DTYPE)([score, _score(num_classes, "score_pool4")(pools[4])])
         if variant == "fcn16":
             logits = upsample(score, num_classes, 16, "upscore16", trainable=False)
         else:
             score = upsample(score, num_classes, 2, "upscore_pool4")
-            score = layers.Add(name="fuse_pool3")([score, _score(num_classes, "score_pool3")(pools[3])])
+            score = layers.Add(name="fuse_pool3", dtype=CLASS_LAYER_DTYPE)([score, _score(num_classes, "score_pool3")(pools[3])])
             logits = upsample(score, num_classes, 8, "upscore8", trainable=False)
 
     # Under a mixed policy the network computes in bf16/fp16; the loss must see float32 logits.
@@ -390,9 +390,18 @@ def _scaled(filters: int, width: float) -> int:
     return max(1, int(round(filters * width)))
 
 
+# Every layer whose channels are the classes (score layers, upsampling, skip sums) computes in float32 under any
+# policy: oneDNN's AMX bf16 kernels get convolutions with 12 channels wrong (the 8x upsampling's gradient:
+# relative error 1.3) and write out of bounds (the 2x steps' gradient: "malloc(): unaligned tcache chunk
+# detected" on the full FCN-8s), bench/amx_repro.py and bench/NOTES.md. These layers are under 0.1% of
+# FCN-8s' FLOPs, and they feed the float32 logits anyway.
+CLASS_LAYER_DTYPE = "float32"
+
+
 def _score(num_classes: int, name: str) -> layers.Layer:
     """1x1 class scores, zero-initialized and linear, as in the paper."""
-    return layers.Conv2D(num_classes, 1, kernel_initializer="zeros", bias_initializer="zeros", name=name)
+    return layers.Conv2D(num_classes, 1, kernel_initializer="zeros", bias_initializer="zeros", name=name,
+                         dtype=CLASS_LAYER_DTYPE)
 
 
 def bilinear_kernel(factor: int, channels: int) -> np.ndarray:
@@ -415,11 +424,7 @@ def upsample(x, channels: int, factor: int, name: str, trainable: bool = True):
     computing the border (and without the crop's gradient, a zero-padded copy of the 224x224 logits).
     The 2x steps are learned (the paper's "initialize to bilinear, allow learning"); the final
     step stays fixed bilinear, as in the reference Caffe nets (lr_mult 0).
-
-    Steps larger than 2x compute in float32 under any policy (under 0.1% of FCN-8s' FLOPs): their
-    gradient is a strided convolution (kernel 2f, stride f) that oneDNN's AMX bf16 kernels get wrong
-    for some channel counts, 12 among them (bench/amx_repro.py), which made bf16 training on AMX
-    CPUs diverge. The logits are float32 anyway.
+    In float32 under any policy (see ``CLASS_LAYER_DTYPE``).
     """
     return layers.Conv2DTranspose(
         channels,
@@ -430,7 +435,7 @@ def upsample(x, channels: int, factor: int, name: str, trainable: bool = True):
         kernel_initializer=keras.initializers.Constant(bilinear_kernel(factor, channels)),
         trainable=trainable,
         name=name,
-        dtype="float32" if factor > 2 else None,
+        dtype=CLASS_LAYER_DTYPE,
     )(x)
 
 

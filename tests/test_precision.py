@@ -159,7 +159,7 @@ def test_auto_precision_learns_what_float32_learns():
     assert min(cosines.values()) >= precision.PASS_GRADIENT_COSINE, policy
 
 
-def test_final_upsampling_computes_in_float32_under_bf16():
+def test_class_layers_compute_in_float32_under_bf16():
     import keras
 
     from fcn_cli.model import build_fcn
@@ -170,8 +170,10 @@ def test_final_upsampling_computes_in_float32_under_bf16():
     finally:
         keras.mixed_precision.set_global_policy("float32")
     dtypes = {layer.name: layer.dtype_policy.name for layer in model.layers}
-    assert dtypes["upscore8"] == "float32" and dtypes["logits"] == "float32"
-    assert dtypes["upscore2"] == dtypes["block1_conv1"] == "mixed_bfloat16"
+    for name in ("score_fr", "upscore2", "score_pool4", "fuse_pool4", "upscore_pool4", "score_pool3", "fuse_pool3",
+                 "upscore8", "logits"):
+        assert dtypes[name] == "float32", name  # the layers whose channels are the classes
+    assert dtypes["block1_conv1"] == dtypes["conv6"] == "mixed_bfloat16"
 
 
 def test_choose_precision_rejects_unknown_names():
@@ -231,10 +233,11 @@ def test_inference_serves_bf16_checkpoints_in_float32_where_bf16_failed(monkeypa
     assert "bfloat16" in {layer.dtype_policy.name for layer in served.layers}
 
 
-def test_a_crashed_trial_is_not_cached(monkeypatch):
+def test_a_trial_killed_from_outside_is_not_cached(monkeypatch):
+    """Out of memory (SIGKILL) or a timeout says nothing lasting about the path: probe again next time."""
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
-    monkeypatch.setattr(precision, "run_trial", lambda path, reference=None, timeout=300, work=None:
-                        {"path": path.name, "ok": False, "error": "the trial process died (exit -9)"})
+    monkeypatch.setattr(precision, "trial_command", lambda path, out_dir, reference: [
+        sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     found = precision.verdict()
     assert found.path is FLOAT32 and "died" in found.reason
     assert not precision.cache_path().exists()  # the next run probes again
@@ -247,3 +250,14 @@ def test_demo_judges_its_score_only_for_the_recipe_as_measured():
     passed, text = demo_verdict(0.196, DEMO_EPOCHS)  # issue 15's AMX run
     assert not passed and f"BELOW the {DEMO_PASS_MIOU:.2f}" in text
     assert demo_verdict(0.196, 2) == (True, "2 epochs: not judged")
+
+
+def test_a_trial_that_crashes_the_process_is_a_cached_failure(monkeypatch):
+    """The AMX fault on the full model aborted the process (heap corruption): that is the path failing."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(precision, "trial_command", lambda path, out_dir, reference: [
+        sys.executable, "-c", "import os, sys; print('malloc(): unaligned tcache chunk detected', file=sys.stderr); os.abort()"])
+    found = precision.verdict()
+    (trial,) = found.trials
+    assert trial["crashed"] and not trial["ok"] and "tcache" in trial["error"] and "signal 6" in trial["error"]
+    assert found.path is FLOAT32 and precision.cached_verdict() is not None
