@@ -13,7 +13,7 @@ that learns what float32 learns is taken:
 
 oneDNN reads its ISA cap once, when TensorFlow starts, so every trial runs in a child process with
 its own environment, and the chosen cap must be in the environment before this process imports
-TensorFlow (``apply``). The verdict is cached per machine fingerprint (CPU model and flags, kernel,
+TensorFlow (``choose`` sets it). The verdict is cached per machine fingerprint (CPU model and flags, kernel,
 TensorFlow and Keras versions) in the user's cache folder; `fcn doctor` shows it and re-runs it.
 """
 
