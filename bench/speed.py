@@ -366,19 +366,6 @@ def _served_model(model, best: str):
     return load_for_inference(Path(best))[0], "fcn_cli.inference.load_for_inference(best.keras)"
 
 
-def plain_keras_layers(keras, model):
-    """The same network with stock Conv2D layers: what the design notes build (fcn's MatmulConv2D and
-    SmallMapConv2D compute the same functions and gradients by other arithmetic, see fcn_cli.model)."""
-
-    def clone(layer):
-        cls = keras.layers.Conv2D if isinstance(layer, keras.layers.Conv2D) else layer.__class__
-        return cls.from_config(layer.get_config())
-
-    plain = keras.models.clone_model(model, clone_function=clone)
-    assert all(type(layer) is keras.layers.Conv2D for layer in plain.layers if isinstance(layer, keras.layers.Conv2D))
-    return plain
-
-
 def part_train(args, sizes) -> dict:
     tf, keras, threads = setup_tensorflow(args)
     import numpy as np
@@ -416,7 +403,8 @@ def part_train(args, sizes) -> dict:
     else:
         precision = "float32"
         keras.mixed_precision.set_global_policy(precision)
-        base = plain_keras_layers(keras, build_fcn("fcn8", num_classes, None, sizes["width"], sizes["head_width"]))
+        # Stock Conv2D layers, as the design notes build it (fcn's kernels compute the same functions).
+        base = build_fcn("fcn8", num_classes, None, sizes["width"], sizes["head_width"], accel=False)
         probs = keras.layers.Activation("softmax", name="softmax")(base.output)
         model = keras.Model(base.input, probs, name="fcn8_plain_keras")
         out["build_s"] = round(time.perf_counter() - started, 3)

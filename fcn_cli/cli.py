@@ -131,8 +131,7 @@ def _settle_precision(requested: str = "auto") -> None:
         return
     if requested == "inference":
         found = precision.cached_verdict()
-        passed = [precision.PATHS[t["path"]] for t in found.trials if t["ok"]] if found else []
-        cap = next((p.isa_cap for p in passed if p.precision == "mixed_bfloat16"), None)
+        cap = next((p.isa_cap for p in (found.passed if found else []) if p.precision == "mixed_bfloat16"), None)
         if cap and not os.environ.get(precision.ISA_ENV):
             os.environ[precision.ISA_ENV] = cap
         return

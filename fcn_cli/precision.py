@@ -174,6 +174,11 @@ class Verdict:
             parts.append("this CPU has no native bf16")
         return "; ".join(parts)
 
+    @property
+    def passed(self) -> list[NumericPath]:
+        """The paths whose trial passed, in the order tried."""
+        return [PATHS[t["path"]] for t in self.trials if t["ok"]]
+
     def failed(self, name: str) -> bool:
         return any(t["path"] == name and not t["ok"] for t in self.trials)
 
@@ -326,8 +331,7 @@ def choose(requested: str = "auto", console=None) -> Choice:
         _CHOICES[requested] = choice
         return choice
     found = verdict(console=console)
-    passed = [PATHS[t["path"]] for t in found.trials if t["ok"]]
-    bf16_passed = [p for p in passed if p.precision == "mixed_bfloat16"]
+    bf16_passed = [p for p in found.passed if p.precision == "mixed_bfloat16"]
     warning = None
     if requested == "auto":
         path = next((p for p in bf16_passed if _runnable(p)), FLOAT32)
@@ -373,8 +377,7 @@ def bf16_verified() -> bool:
     found = cached_verdict()
     if found is None:
         return True  # unprobed machines keep the trained precision; `fcn train` and `fcn doctor` probe
-    return any(t["ok"] and PATHS[t["path"]].precision == "mixed_bfloat16" and _runnable(PATHS[t["path"]])
-               for t in found.trials)
+    return any(p.precision == "mixed_bfloat16" and _runnable(p) for p in found.passed)
 
 
 # --- a trial, in a child process --------------------------------------------------------------
