@@ -84,11 +84,11 @@ def fcn_model(policy: str, before_fix: bool, width: float = 1 / 16, head_width: 
 def full_case(before_fix: bool) -> dict:
     import numpy as np
 
-    from fcn_cli.optimizers import FusedAdam
-    from fcn_cli.train import compile_model
+    from fcn_cli import accel
+    from fcn_cli.fit import compile_model
 
     model = fcn_model("mixed_bfloat16", before_fix, width=1.0, head_width=4096)
-    compile_model(model, FusedAdam(1e-4), 12, 11)
+    compile_model(model, accel.adam(1e-4), 12, 11)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (8, 224, 224, 3)).astype("float32")
     labels = rng.integers(0, 12, (8, 224, 224)).astype("int32")
@@ -97,16 +97,15 @@ def full_case(before_fix: bool) -> dict:
 
 
 def train_case(policy: str, upsample_bf16: bool) -> dict:
-    import keras
     import numpy as np
 
     from fcn_cli import precision
-    from fcn_cli.optimizers import FusedAdam
-    from fcn_cli.train import compile_model
+    from fcn_cli import accel
+    from fcn_cli.fit import compile_model
 
     images, labels = precision.easy_set()
     model = fcn_model(policy, upsample_bf16)
-    compile_model(model, FusedAdam(3e-3), 12, 11)
+    compile_model(model, accel.adam(3e-3), 12, 11)
     started = time.perf_counter()
     history = model.fit(images, labels, batch_size=8, epochs=precision.PROBE_EPOCHS, verbose=0, shuffle=False)
     pred = np.asarray(model.predict(images, verbose=0)).argmax(-1)

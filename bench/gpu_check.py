@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 
 FULL = dict(width=1.0, head_width=4096, train=[(8, 224, 224), (16, 224, 224), (8, 384, 480), (16, 384, 480)],
             warmup=3, steps=10, matmul_n=8192, matmul_repeats=20, learn_steps=40, learn_size=64, learn_lr=3e-4)
-QUICK = dict(width=1 / 16, head_width=32, train=[(2, 64, 64), (2, 64, 96)],
+QUICK = dict(width=1 / 16, head_width=32, train=[(2, 64, 96)],
              warmup=1, steps=2, matmul_n=512, matmul_repeats=3, learn_steps=30, learn_size=64, learn_lr=3e-3)
 
 
@@ -93,7 +93,7 @@ def timed_steps(fn, warmup: int, steps: int) -> list[float]:
 def speed(model, batch: int, height: int, width: int, sizes: dict, ceiling: float | None) -> dict:
     import numpy as np
 
-    from fcn_cli.model import count_flops
+    from fcn_cli.flops import count_flops
 
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (batch, height, width, 3)).astype("float32")
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "keras": keras.__version__},
         "model": {"variant": "fcn8", "width": sizes["width"], "head_width": sizes["head_width"], "classes": 12},
         "how": "train_on_batch / predict_on_batch on fixed random batches (XLA-compiled), median after warm-up; "
-               "GFLOP/s = FLOPs (fcn_cli.model.count_flops; training 3x forward) x images/s",
+               "GFLOP/s = FLOPs (fcn_cli.flops.count_flops; training 3x forward) x images/s",
     }
     print(f"devices: {result['devices']}; plan: {chosen.why}", flush=True)
     result["ceiling"] = matmul_ceiling(jax, sizes["matmul_n"], sizes["matmul_repeats"])

@@ -371,7 +371,8 @@ def part_train(args, sizes) -> dict:
     import numpy as np
 
     from fcn_cli.classes import CAMVID
-    from fcn_cli.model import build_fcn, count_flops
+    from fcn_cli.flops import count_flops
+    from fcn_cli.model import build_fcn
 
     size, batch = sizes["image"], sizes["batch"]
     warmup, steps = sizes["warmup"], sizes["steps"]
@@ -382,7 +383,8 @@ def part_train(args, sizes) -> dict:
     keras.utils.set_random_seed(0)
     started = time.perf_counter()
     if args.flavor == "product":
-        from fcn_cli.train import TrainConfig, choose_precision, compile_model, make_optimizer, make_strategy
+        from fcn_cli.fit import choose_precision, compile_model, make_optimizer, make_strategy
+        from fcn_cli.train import TrainConfig
 
         precision = choose_precision(args.precision)
         keras.mixed_precision.set_global_policy(precision)
@@ -394,7 +396,7 @@ def part_train(args, sizes) -> dict:
             model = build_fcn(cfg.variant, num_classes, None, cfg.width, cfg.head_width)
             out["build_s"] = round(time.perf_counter() - started, 3)
             compile_model(model, make_optimizer(cfg, steps_per_epoch), num_classes, ignore)
-        from fcn_cli.train import precision_line
+        from fcn_cli.fit import precision_line
 
         out["precision_why"] = precision_line(args.precision, precision)[0]
         out.update(precision=precision, precision_requested=args.precision, strategy=strategy_desc,
@@ -458,7 +460,17 @@ def part_train(args, sizes) -> dict:
         started = time.perf_counter()
         save_checkpoint(model, last, meta)
         last_s = time.perf_counter() - started
-        from fcn_cli.model import portable_config
+        # The same file through the public path that fcn_cli.accel.checkpoint_io replaces (FCN_ACCEL=0 takes it).
+        from fcn_cli.accel.checkpoint_io import save_with_keras
+
+        public = last.with_name("last-public.keras")
+        started = time.perf_counter()
+        save_with_keras(model, public, {"fcn.json": json.dumps(meta).encode()})
+        with open(public, "rb") as fh:
+            os.fsync(fh.fileno())
+        public_s = time.perf_counter() - started
+        public.unlink()
+        from fcn_cli.accel.swap import portable_config
 
         # Uncompiled stock layers, as fcn train's best-weights twin: best.keras is plain Keras.
         twin = keras.Model.from_config(portable_config(model.get_config()))
@@ -467,6 +479,8 @@ def part_train(args, sizes) -> dict:
         save_checkpoint(twin, best, meta, portable=True)
         record = {
             "last": {"save_s": round(last_s, 3), "bytes": last.stat().st_size, "with_optimizer_state": True},
+            "last_public_api": {"save_s": round(public_s, 3), "how": "model.save + fcn.json appended + fsync, "
+                                "right after the one-pass write of the same model"},
             "best": {"path": str(best), "save_s": round(time.perf_counter() - started, 3),
                      "bytes": best.stat().st_size, "with_optimizer_state": False},
         }
@@ -622,7 +636,7 @@ def packed_vs_folder(pairs, size, batch) -> dict:
                 n += int(images.shape[0])
             return n / (time.perf_counter() - t0)
 
-        packed = pipeline.records_training_dataset(files, CAMVID, image_size=(size, size), batch_size=batch, augment=augment)
+        packed = pipeline.training_dataset(pipeline.Records(files), CAMVID, image_size=(size, size), batch_size=batch, augment=augment)
         folder = pipeline.training_dataset(pairs, CAMVID, image_size=(size, size), batch_size=batch, augment=augment,
                                            cache_budget=0)
         return {"pack_seconds": round(pack_s, 2), "shards": len(files),
@@ -655,7 +669,7 @@ def part_load(args, sizes) -> dict:
         model, _, image_size, _ = inference.load_for_inference(Path(args.checkpoint))
         load_path = "fcn_cli.inference.load_for_inference"
     else:
-        from fcn_cli.runs import load_checkpoint, read_checkpoint_meta
+        from fcn_cli.runs import load_checkpoint
 
         model, meta = load_checkpoint(Path(args.checkpoint))
         image_size = tuple(meta.get("image_size") or ()) or None
@@ -745,7 +759,7 @@ def orchestrate(args) -> dict:
         "machine": machine_info(), "sizes": {k: v for k, v in sizes.items() if k != "part_timeout"},
         "conventions": {
             "flops": "forward FLOPs = 2 x multiply-adds of every Conv2D / Conv2DTranspose layer "
-                     "(fcn_cli.model.count_flops); training FLOPs = 3 x forward (forward + 2 x backward)",
+                     "(fcn_cli.flops.count_flops); training FLOPs = 3 x forward (forward + 2 x backward)",
             "gflops": "FLOPs per image x images per second / 1e9",
             "time": "median of `repeats` timed runs after `warmup` untimed ones; wall clock (time.perf_counter)",
             "fraction_of_ceiling": "achieved GFLOP/s / 3x3-conv ceiling GFLOP/s of the matching dtype "

@@ -17,19 +17,11 @@ import numpy as np
 
 from fcn_cli.errors import FcnError
 
-CAMVID_CLASSES = (
-    ("sky", (128, 128, 128)),
-    ("building", (128, 0, 0)),
-    ("column/pole", (192, 192, 128)),
-    ("road", (128, 64, 128)),
-    ("side walk", (60, 40, 222)),
-    ("vegetation", (128, 128, 0)),
-    ("traffic light (sign/symbol)", (192, 128, 128)),
-    ("fence", (64, 64, 128)),
-    ("vehicle", (64, 0, 128)),
-    ("pedestrian", (64, 64, 0)),
-    ("bicyclist", (0, 128, 192)),
-    ("void", (0, 0, 0)),
+CAMVID_CLASSES = (  # (name, RGB colour); the index is the position
+    ("sky", (128, 128, 128)), ("building", (128, 0, 0)), ("column/pole", (192, 192, 128)),  # 0-2
+    ("road", (128, 64, 128)), ("side walk", (60, 40, 222)), ("vegetation", (128, 128, 0)),  # 3-5
+    ("traffic light (sign/symbol)", (192, 128, 128)), ("fence", (64, 64, 128)), ("vehicle", (64, 0, 128)),  # 6-8
+    ("pedestrian", (64, 64, 0)), ("bicyclist", (0, 128, 192)), ("void", (0, 0, 0)),  # 9-11
 )
 
 

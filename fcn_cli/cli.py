@@ -27,46 +27,19 @@ data_app = typer.Typer(help="Data sets: generate, check, download, pack.", no_ar
 app.add_typer(data_app, name="data")
 
 
-class Variant(str, Enum):
-    fcn32 = "fcn32"
-    fcn16 = "fcn16"
-    fcn8 = "fcn8"
+def _choices(name: str, *values: str) -> type[Enum]:
+    """A str Enum of ``values``: Typer lists them in --help and refuses anything else."""
+    return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-class Optimizer(str, Enum):
-    adam = "adam"
-    sgd = "sgd"
-
-
-class Schedule(str, Enum):
-    constant = "constant"
-    poly = "poly"
-    cosine = "cosine"
-
-
-class ClassWeights(str, Enum):
-    none = "none"
-    median = "median"
-    median_sqrt = "median-sqrt"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    mixed_bfloat16 = "mixed_bfloat16"
-    mixed_float16 = "mixed_float16"
-
-
-class Strategy(str, Enum):
-    auto = "auto"
-    one = "one"
-    mirrored = "mirrored"
-    multi_worker = "multi-worker"
-
-
-class Mode(str, Enum):
-    resize = "resize"
-    native = "native"
+# The flags' choices; the modules that act on them (model, fit, train_data) check them again.
+Variant = _choices("Variant", "fcn32", "fcn16", "fcn8")
+Optimizer = _choices("Optimizer", "adam", "sgd")
+Schedule = _choices("Schedule", "constant", "poly", "cosine")
+ClassWeights = _choices("ClassWeights", "none", "median", "median-sqrt")
+Precision = _choices("Precision", "auto", "float32", "mixed_bfloat16", "mixed_float16")
+Strategy = _choices("Strategy", "auto", "one", "mirrored", "multi-worker")
+Mode = _choices("Mode", "resize", "native")
 
 
 DATA_HELP = "Data set folder (SegNet, Keras-tutorial or images/+masks/ layout)."
@@ -75,6 +48,16 @@ MODEL_HELP = "Checkpoint (.keras). Default: models/<variant>.keras, the best of 
 SIZE_HELP = "Resize mode: HEIGHTxWIDTH photos are resized to. Default: the checkpoint's inference size (see `fcn train --eval-size`)."
 MODE_HELP = ("How images meet the model: 'resize' to the checkpoint's inference size and upsample the logits back, "
              "or 'native': pad to a multiple of 32 and crop back (tiles for huge images).")
+
+
+# Options several commands take, as reusable Annotated types (Typer's documented pattern).
+ModelOption = Annotated[Optional[Path], typer.Option(help=MODEL_HELP)]
+ClassesOption = Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)]
+ModeOption = Annotated[Mode, typer.Option(help=MODE_HELP)]
+BatchOption = Annotated[int, typer.Option(min=1, help="Images per forward pass.")]
+ModelsDirOption = Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")]
+FlipOption = Annotated[bool, typer.Option("--flip-tta", help="Average each image's logits with its mirror image's (2x compute).")]
+SizeOption = Annotated[Optional[str], typer.Option(help=SIZE_HELP)]
 
 
 def parse_size(text: str, flag: str = "--image-size") -> tuple[int, int]:
@@ -87,9 +70,21 @@ def parse_size(text: str, flag: str = "--image-size") -> tuple[int, int]:
     return h, w
 
 
-def _size_needs_resize(image_size, mode) -> None:
-    if image_size and mode.value != "resize":
+def _inference_checkpoint(model: Path | None, models_dir: Path, image_size: str | None,
+                          mode: Mode) -> tuple[Path, tuple[int, int] | None]:
+    """(the checkpoint evaluate / predict run, the parsed --image-size), after their shared checks of the
+    flags and the file, which come first (a mistake costs no TensorFlow start); then the precision is
+    settled (its ISA cap must be set before TensorFlow starts)."""
+    size = parse_size(image_size) if image_size else None
+    if size and mode.value != "resize":
         raise FcnError(f"--image-size {image_size}: only resize mode resizes photos; drop it or use --mode resize")
+    from fcn_cli.runs import read_checkpoint_meta, resolve_model_path
+
+    path = resolve_model_path(model, models_dir)
+    read_checkpoint_meta(path, verify=False)  # a missing, foreign or cut-off file: one line, no TensorFlow start
+    _settle_precision("inference")
+    _quiet_tensorflow()
+    return path, size
 
 
 def parse_range(text: str, flag: str) -> tuple[float, float]:
@@ -245,59 +240,50 @@ def _print_train_summary(console, result) -> None:
 @app.command()
 def evaluate(
     split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "val",
-    model: Annotated[Optional[Path], typer.Option(help=MODEL_HELP)] = None,
+    model: ModelOption = None,
     data: Annotated[Path, typer.Option(help=DATA_HELP)] = Path("data/camvid"),
-    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
+    classes: ClassesOption = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file (confusion CSV/PNG beside it).")] = None,
-    mode: Annotated[Mode, typer.Option(help=MODE_HELP)] = Mode.resize,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
-    models_dir: Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")] = Path("models"),
-    flip_tta: Annotated[bool, typer.Option("--flip-tta", help="Average each image's logits with its mirror image's (2x compute).")] = False,
-    image_size: Annotated[Optional[str], typer.Option(help=SIZE_HELP)] = None,
+    mode: ModeOption = Mode.resize,
+    batch_size: BatchOption = 4,
+    models_dir: ModelsDirOption = Path("models"),
+    flip_tta: FlipOption = False,
+    image_size: SizeOption = None,
 ):
     """Score a checkpoint on a split at each annotation's own resolution (void ignored)."""
-    _settle_precision("inference")
-    _quiet_tensorflow()
-    from fcn_cli.evaluate import evaluate as run_evaluation
-    from fcn_cli.runs import resolve_model_path
-
-    _size_needs_resize(image_size, mode)
     if not data.exists():
         raise FcnError(f"{data}: data folder not found; pass --data DIR (see `fcn data --help`)")
-    path = resolve_model_path(model, models_dir)
+    path, size = _inference_checkpoint(model, models_dir, image_size, mode)
+    from fcn_cli.evaluate import evaluate as run_evaluation
+
     run_evaluation(path, data, split=split, classes_file=classes, json_path=json_out, mode=mode.value,
-                   batch_size=batch_size, console=_console(), flip=flip_tta,
-                   image_size=parse_size(image_size) if image_size else None)
+                   batch_size=batch_size, console=_console(), flip=flip_tta, image_size=size)
 
 
 @app.command()
 def predict(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output PNG (one input) or folder (several; mirrors the inputs). Default: predictions/.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help=MODEL_HELP)] = None,
-    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
-    mode: Annotated[Mode, typer.Option(help=MODE_HELP)] = Mode.resize,
+    model: ModelOption = None,
+    classes: ClassesOption = None,
+    mode: ModeOption = Mode.resize,
     overlay: Annotated[bool, typer.Option(help="Also write <name>_overlay.png: the mask blended over the photo.")] = False,
     legend: Annotated[bool, typer.Option(help="Also write legend.png: class names and colours.")] = False,
     raw: Annotated[bool, typer.Option(help="Write index PNGs (class index per pixel) instead of colours.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing files that fcn did not write.")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
-    models_dir: Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")] = Path("models"),
-    flip_tta: Annotated[bool, typer.Option("--flip-tta", help="Average each image's logits with its mirror image's (2x compute).")] = False,
-    image_size: Annotated[Optional[str], typer.Option(help=SIZE_HELP)] = None,
+    batch_size: BatchOption = 4,
+    models_dir: ModelsDirOption = Path("models"),
+    flip_tta: FlipOption = False,
+    image_size: SizeOption = None,
 ):
     """Write colourized 12-class masks for images of any size."""
-    _settle_precision("inference")
-    _quiet_tensorflow()
+    path, size = _inference_checkpoint(model, models_dir, image_size, mode)
     from fcn_cli.predict import predict as run_prediction
-    from fcn_cli.runs import resolve_model_path
 
-    _size_needs_resize(image_size, mode)
-    path = resolve_model_path(model, models_dir)
     result = run_prediction(inputs, str(output) if output else None, path, classes_file=classes, mode=mode.value,
                             overlay=overlay, legend=legend, raw=raw, overwrite=overwrite, batch_size=batch_size,
                             console=_console(), flip=flip_tta,
-                            image_size=parse_size(image_size) if image_size else None)
+                            image_size=size)
     if result.failed:
         raise typer.Exit(1)
 

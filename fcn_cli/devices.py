@@ -11,19 +11,18 @@ device lists; :func:`local_devices` reads the real ones from TensorFlow.
 | older GPUs                  | float32                                   | mirrored if > 1 GPU   | off         |
 | TF_CONFIG with > 1 worker   | as above                                  | multi-worker          | as above    |
 
-"fcn kernels" are the CPU levers (MatmulConv2D for fc6/fc7, SmallMapConv2D's weight gradient, the
-fused Adam update): measured to pay on a 2-core CPU (bench/NOTES.md), never measured on a GPU, so a
-GPU trains plain Keras layers. ``FCN_ACCEL=0`` turns them off anywhere.
+"fcn kernels" are the speed levers of ``fcn_cli.accel`` (the fc6/fc7 product, the small-map weight
+gradient, the fused Adam update, the serving form, the one-pass checkpoint files): measured to pay on
+2-core CPUs (each module's docstring), never measured on a GPU, so a GPU trains plain Keras layers.
+``FCN_ACCEL=0`` turns them off anywhere.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
-ACCEL_ENV = "FCN_ACCEL"
-
+from fcn_cli import accel as levers
 
 @dataclass(frozen=True)
 class Device:
@@ -38,10 +37,6 @@ class Plan:
     strategy: str  # "one", "mirrored" or "multi-worker"
     accel: bool  # fcn's CPU kernels
     why: str  # one line: what decided it
-
-
-def accel_allowed() -> bool:
-    return os.environ.get(ACCEL_ENV, "1").strip() not in ("0", "false", "no", "off")
 
 
 def gpu_precision(gpus: list[Device]) -> str:
@@ -73,8 +68,8 @@ def plan(devices: list[Device], precision: str = "auto", strategy: str = "auto",
         how = "mirrored"
     else:
         how = "one"
-    accel = not gpus and accel_allowed()
-    kernels = "fcn's CPU kernels" if accel else ("plain Keras layers (GPU)" if gpus else f"plain Keras layers ({ACCEL_ENV}=0)")
+    accel = not gpus and levers.allowed()
+    kernels = "fcn's CPU kernels" if accel else ("plain Keras layers (GPU)" if gpus else f"plain Keras layers ({levers.ACCEL_ENV}=0)")
     return Plan(chosen, how, accel, f"{chosen} ({why}); {how} device strategy; {kernels}")
 
 

@@ -81,9 +81,12 @@ def report(console, recheck: bool = False, json_path: str | None = None) -> int:
             if t.get("error"):
                 trials.add_row(precision.PATHS[t["path"]].label, "[red]error[/]", t["error"], "", "", "", "", str(t.get("seconds", "")))
                 continue
+            trained = "accuracy" in t  # a path whose gradients were wrong is not trained
             trials.add_row(
                 precision.PATHS[t["path"]].label, "[green]pass[/]" if t["ok"] else "[red]FAIL[/]",
-                f"{t['gradient_cosine']:.3f}", f"{t['accuracy']:.3f}", f"{t['agreement']:.3f}", f"{t['first_loss']:.3g} → {t['final_loss']:.3g}",
+                f"{t['gradient_cosine']:.3f}", f"{t['accuracy']:.3f}" if trained else "-",
+                f"{t['agreement']:.3f}" if trained else "-",
+                f"{t['first_loss']:.3g} → {t['final_loss']:.3g}" if trained else "-",
                 "yes" if t.get("amx_kernels") else "no", f"{t.get('seconds', 0):.1f}",
             )
         console.print(trials)

@@ -192,7 +192,12 @@ class ConfusionMatrix:
 
 
 class _ConfusionMetricMixin:
-    """Shared behaviour of the training metrics: sample weights never reach the matrix."""
+    """Shared behaviour of the training metrics: Keras's confusion matrix over integer labels and logits;
+    sample weights never reach the matrix."""
+
+    def __init__(self, num_classes: int, ignore_class: int | None = None, name: str | None = None, dtype=None):
+        super().__init__(num_classes=int(num_classes), name=name, dtype=dtype, ignore_class=ignore_class,
+                         sparse_y_true=True, sparse_y_pred=False)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         # Keras hands compiled metrics the training sample weights (void mask, class
@@ -223,14 +228,7 @@ class MeanIoU(_ConfusionMetricMixin, keras.metrics.MeanIoU):
     """
 
     def __init__(self, num_classes: int, ignore_class: int | None = None, name: str = "mean_iou", dtype=None):
-        super().__init__(
-            num_classes=int(num_classes),
-            name=name,
-            dtype=dtype,
-            ignore_class=ignore_class,
-            sparse_y_true=True,
-            sparse_y_pred=False,
-        )
+        super().__init__(num_classes, ignore_class, name, dtype)
         kept = [c for c in range(self.num_classes) if c != ignore_class]
         if kept:  # keep predictions of void (its column) out of the mean, like ``scores``
             self.target_class_ids = kept
@@ -241,14 +239,7 @@ class PixelAccuracy(_ConfusionMetricMixin, keras.metrics.MeanIoU):
     """Global pixel accuracy (trace / sum of the confusion matrix), void pixels not counted."""
 
     def __init__(self, num_classes: int, ignore_class: int | None = None, name: str = "pixel_accuracy", dtype=None):
-        super().__init__(
-            num_classes=int(num_classes),
-            name=name,
-            dtype=dtype,
-            ignore_class=ignore_class,
-            sparse_y_true=True,
-            sparse_y_pred=False,
-        )
+        super().__init__(num_classes, ignore_class, name, dtype)
 
     def result(self):
         cm = ops.cast(self.total_cm, "float32")

@@ -14,7 +14,6 @@ and to prediction.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 import keras
 from keras import layers
 
+from fcn_cli import accel as levers
 from fcn_cli.errors import FcnError
 
 VARIANTS = ("fcn32", "fcn16", "fcn8")
@@ -42,12 +42,12 @@ def build_fcn(
 ) -> keras.Model:
     """An FCN for RGB images of any size that is a multiple of 32; returns (B, H, W, num_classes) logits.
 
-    ``accel``: fcn's CPU kernels (SmallMapConv2D for the VGG convolutions, MatmulConv2D for fc6/fc7;
-    same weights and outputs as Conv2D); default :func:`accel_default`. Off, every layer is stock Keras.
+    Every layer is stock Keras. ``accel`` (default :func:`fcn_cli.accel.enabled`): the VGG convolutions
+    and fc6/fc7 are fcn's faster kernels instead (``fcn_cli.accel``: same weights, same outputs).
     """
     if accel is None:
-        accel = accel_default()
-    conv, head = (SmallMapConv2D, MatmulConv2D) if accel else (layers.Conv2D, layers.Conv2D)
+        accel = levers.enabled()
+    conv, head = levers.fast_conv_layers() if accel else (layers.Conv2D, layers.Conv2D)
     if variant not in VARIANTS:
         raise FcnError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if width <= 0 or head_width < 1 or num_classes < 1:
@@ -68,8 +68,7 @@ def build_fcn(
         x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
         pools[block] = x
 
-    # fc6/fc7 "convolutionalized": 7x7 and 1x1 convolutions ('same' keeps conv7 at H/32), computed
-    # as what they are, fully connected layers applied at every window (MatmulConv2D: same weights).
+    # fc6/fc7 "convolutionalized": 7x7 and 1x1 convolutions ('same' keeps conv7 at H/32).
     x = head(head_width, 7, padding="same", activation="relu", name="conv6")(pools[5])
     x = layers.Dropout(dropout, name="drop6")(x)
     x = head(head_width, 1, activation="relu", name="conv7")(x)
@@ -94,280 +93,6 @@ def build_fcn(
     if weights is not None:
         load_backbone_weights(model, weights)
     return model
-
-
-@keras.saving.register_keras_serializable(package="fcn")
-class MatmulConv2D(layers.Conv2D):
-    """A Conv2D whose stride-1 convolution runs as one matrix product over unfolded windows (im2col).
-
-    Same weights (kh, kw, in, out), same config, same outputs as ``Conv2D``; only the arithmetic path
-    differs. For the head's big kernels on small maps (conv6: 7x7x512 -> 4096 on a 7x7 map at 224x224)
-    oneDNN's direct convolution spends most of a training step reordering the 100M-weight kernel
-    and in a slow backward-weights kernel; one GEMM of (windows x kh*kw*in) by (kh*kw*in x out) runs
-    3x faster forward + backward in bf16 here (bench/NOTES.md). Kept to the head: for 3x3 layers
-    on large maps the unfolded windows cost more than they save (measured too).
-
-    ``kernel_layout="oi"`` (for serving, see :func:`serving_config`) holds the kernel in memory as
-    (out, kh*kw*in): oneDNN's product reads it 25% faster that way (conv6 forward, bf16, batch 8:
-    92 vs 117 ms; forward + backward measured equal, so training keeps Conv2D's layout, whose
-    initializer fans are right). Saved files always hold Conv2D's layout.
-    """
-
-    LAYOUTS = ("hwio", "oi")
-
-    def __init__(self, *args, kernel_layout: str = "hwio", **kwargs):
-        super().__init__(*args, **kwargs)
-        if kernel_layout not in self.LAYOUTS:
-            raise ValueError(f"kernel_layout must be one of {self.LAYOUTS}, not {kernel_layout!r}")
-        self.kernel_layout = kernel_layout
-
-    def get_config(self):
-        # Conv2D's config exactly unless serving: checkpoints stay readable as plain Conv2D configs.
-        config = super().get_config()
-        return config if self.kernel_layout == "hwio" else {**config, "kernel_layout": self.kernel_layout}
-
-    def add_weight(self, *args, shape=None, name=None, **kwargs):
-        if name == "kernel" and self.kernel_layout == "oi":  # Conv2D.build asks for (kh, kw, in, out)
-            shape = (shape[-1], int(np.prod(shape[:-1])))
-        return super().add_weight(*args, shape=shape, name=name, **kwargs)
-
-    def save_own_variables(self, store):
-        if not (self.built and self.kernel_layout == "oi"):
-            return super().save_own_variables(store)
-        store["0"] = keras.ops.convert_to_numpy(self._hwio(self._kernel))
-        if self.use_bias:
-            store["1"] = self.bias
-
-    def load_own_variables(self, store):
-        if self.kernel_layout == "oi" and self.built:
-            values = {key: store[key] for key in store.keys()}
-            # Cast first, then transpose in the backend (threaded): 100M weights for conv6.
-            kernel = keras.ops.cast(keras.ops.convert_to_tensor(values["0"]), self._kernel.dtype)
-            values["0"] = keras.ops.transpose(keras.ops.reshape(kernel, (-1, self.filters)))
-            return super().load_own_variables(values)
-        return super().load_own_variables(store)
-
-    def _hwio(self, oi_kernel):
-        """An (out, kh*kw*in) kernel in Conv2D's (kh, kw, in, out) layout."""
-        kh, kw = self.kernel_size
-        return keras.ops.reshape(keras.ops.transpose(oi_kernel), (kh, kw, -1, self.filters))
-
-    def _windows(self, x):
-        """(B, oh, ow, kh*kw*C): every kh x kw window of x, flattened in kernel.reshape(-1, out)'s order.
-
-        One gather of precomputed pixel indices rather than kh*kw slices and a concat: the same values,
-        but its gradient is one segment sum instead of kh*kw zero-padded slice gradients added up
-        (conv6 at 224x224, batch 8: 7 ms forward + backward instead of 47).
-        """
-        kh, kw = self.kernel_size
-        if self.padding == "same":  # TensorFlow's SAME: the odd pixel of an even kernel goes after
-            x = keras.ops.pad(x, [[0, 0], [(kh - 1) // 2, kh // 2], [(kw - 1) // 2, kw // 2], [0, 0]])
-        batch, height, width = keras.ops.shape(x)[:3]
-        channels = x.shape[-1]
-        oh, ow = height - kh + 1, width - kw + 1
-        rows = keras.ops.reshape(keras.ops.arange(oh), (-1, 1, 1, 1)) + keras.ops.reshape(keras.ops.arange(kh), (1, 1, -1, 1))
-        cols = keras.ops.reshape(keras.ops.arange(ow), (1, -1, 1, 1)) + keras.ops.reshape(keras.ops.arange(kw), (1, 1, 1, -1))
-        pixels = keras.ops.reshape(rows * width + cols, (-1,))  # (oh, ow, kh, kw) in row-major order
-        windows = keras.ops.take(keras.ops.reshape(x, (batch, height * width, channels)), pixels, axis=1)
-        return keras.ops.reshape(windows, (batch, oh, ow, kh * kw * channels))
-
-    def convolution_op(self, inputs, kernel):
-        if (tuple(self.strides) != (1, 1) or tuple(self.dilation_rate) != (1, 1) or self.groups != 1
-                or self.data_format != "channels_last"):
-            return super().convolution_op(inputs, self._hwio(kernel) if self.kernel_layout == "oi" else kernel)
-        kh, kw = self.kernel_size
-        if (kh, kw) != (1, 1):  # a 1x1 kernel's windows are the pixels themselves (and SAME pads nothing)
-            # Unfold in float32: the input gradient sums up to kh*kw window entries per pixel, which
-            # in bf16 would round after every add (Conv2D accumulates once); the cast back is cheap.
-            inputs = keras.ops.cast(self._windows(keras.ops.cast(inputs, "float32")), inputs.dtype)
-        if self.kernel_layout == "oi":
-            # A transpose the graph optimizer folds into the product (TensorFlow's MatMul transpose_b).
-            flat_kernel = keras.ops.transpose(kernel)
-        else:
-            flat_kernel = keras.ops.reshape(kernel, (kh * kw * kernel.shape[2], kernel.shape[3]))
-        return keras.ops.tensordot(inputs, flat_kernel, axes=1)
-
-
-@keras.saving.register_keras_serializable(package="fcn")
-class SmallMapConv2D(layers.Conv2D):
-    """A Conv2D whose weight gradient on small maps is computed as kh*kw matrix products.
-
-    Same weights, config, outputs and input gradient as ``Conv2D``. The weight gradient of a stride-1
-    'same' convolution is, for each tap (i, j), the shifted input transposed times the output
-    gradient: a (C x B*H*W) by (B*H*W x O) product. In bfloat16 on small maps that runs faster
-    than oneDNN's backward-weights kernel (TF 2.21, avx512_bf16, batch 8, ms: 28x28x512 48 -> 38,
-    14x14x512 19 -> 11) and slower on large ones (56x56x256 50 -> 55, 224x224x64 60 -> 136), so it
-    is used only in training, on the CPU, for bfloat16 maps of at most ``SMALL_MAP_PIXELS`` pixels
-    with shapes known when traced (bench/NOTES.md); every other call is Conv2D's own.
-    """
-
-    SMALL_MAP_PIXELS = 32 * 32
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._training = False
-
-    def call(self, inputs, training=None):
-        # Only training takes a weight gradient: predict and evaluate run Conv2D's own path.
-        self._training = bool(training)
-        if not self._gemm_weight_gradient(inputs):
-            return super().call(inputs)
-        outputs = self._convolve_with_gemm_gradient(inputs)
-        return self.activation(outputs) if self.activation is not None else outputs
-
-    def _gemm_weight_gradient(self, inputs) -> bool:
-        height, width = inputs.shape[1:3]
-        kh, kw = self.kernel_size
-        return (self._training and self.compute_dtype == "bfloat16" and _computes_on_cpu()
-                and height is not None and width is not None
-                and height * width <= self.SMALL_MAP_PIXELS and self.padding == "same" and kh % 2 == 1 and kw % 2 == 1
-                and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
-                and self.data_format == "channels_last")
-
-    def _convolve_with_gemm_gradient(self, inputs):
-        """Convolution plus bias, whose gradient is computed here: input gradient as Conv2D's, weight
-        gradient as per-tap products, bias gradient summed in float32 (oneDNN's fused backward-weights
-        kernel did that; a bfloat16 sum of B*H*W terms was off by 9% in a probe)."""
-        convolve = super().convolution_op
-        kh, kw = self.kernel_size
-        height, width, channels = inputs.shape[1:]
-        # Tensors, not the variables: the custom gradient is for the values the convolution reads.
-        kernel = keras.ops.cast(self.kernel, inputs.dtype)
-        bias = keras.ops.cast(self.bias if self.use_bias else keras.ops.zeros((self.filters,)), inputs.dtype)
-
-        @keras.ops.custom_gradient
-        def conv(x, w, b):
-            def grad(*args, upstream=None):
-                dy = args[0] if upstream is None else upstream
-                dx = keras.ops.conv_transpose(dy, w, strides=1, padding="same", data_format="channels_last")
-                padded = keras.ops.pad(x, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
-                dy_rows = keras.ops.reshape(dy, (-1, self.filters))
-                taps = [keras.ops.matmul(keras.ops.transpose(keras.ops.reshape(padded[:, i:i + height, j:j + width, :], (-1, channels))), dy_rows)
-                        for i in range(kh) for j in range(kw)]
-                dw = keras.ops.reshape(keras.ops.stack(taps), (kh, kw, channels, self.filters))
-                db = keras.ops.cast(keras.ops.sum(keras.ops.cast(dy_rows, "float32"), axis=0), b.dtype)
-                return dx, dw, db
-
-            return keras.ops.add(convolve(x, w), keras.ops.reshape(b, (1, 1, 1, -1))), grad
-
-        return conv(inputs, kernel, bias)
-
-
-def accel_default() -> bool:
-    """fcn's CPU kernels where they were measured to pay: the backend computes on the CPU (fcn_cli.devices)."""
-    from fcn_cli.devices import accel_allowed
-
-    return accel_allowed() and _computes_on_cpu()
-
-
-# Checkpoints hold stock layers; fcn swaps its kernels in by layer name when it loads them.
-_FAST_LAYERS = {"fcn>MatmulConv2D": "MatmulConv2D", "fcn>SmallMapConv2D": "SmallMapConv2D"}
-
-
-def _fast_layer_for(name: str) -> str | None:
-    if name in ("conv6", "conv7"):
-        return "fcn>MatmulConv2D"
-    if name.startswith("block") and "_conv" in name:
-        return "fcn>SmallMapConv2D"
-    return None
-
-
-def portable_config(config):
-    """A model config with fcn's kernels written as the stock ``Conv2D`` they compute (same weights, same
-    outputs): a checkpoint that ``keras.saving.load_model`` reads without fcn_cli installed."""
-    if isinstance(config, list):
-        return [portable_config(v) for v in config]
-    if not isinstance(config, dict):
-        return config
-    config = {k: portable_config(v) for k, v in config.items()}
-    if config.get("registered_name") in _FAST_LAYERS:
-        inner = {k: v for k, v in config["config"].items() if k != "kernel_layout"}
-        config.update(module="keras.layers", class_name="Conv2D", registered_name=None, config=inner)
-    return config
-
-
-def stock_model(model: keras.Model) -> keras.Model:
-    """``model`` itself if it has only stock layers, else a copy built from :func:`portable_config`
-    holding the same weights (a saved file keys weights by layer class)."""
-    if not any(isinstance(layer, (MatmulConv2D, SmallMapConv2D)) for layer in model.layers):
-        return model
-    return with_layers_of(model, keras.Model.from_config(portable_config(model.get_config())))
-
-
-def with_layers_of(source: keras.Model, target: keras.Model) -> keras.Model:
-    """``target`` (the same network, other layer classes or weight layouts) holding ``source``'s weights.
-
-    Each layer hands its weights over in the saved-file layout (``save_own_variables`` /
-    ``load_own_variables``), which every variant of a layer shares."""
-    for src, dst in zip(source.layers, target.layers):
-        if src.weights:
-            store = {}
-            src.save_own_variables(store)
-            dst.load_own_variables(store)
-    return target
-
-
-def accelerated_config(config, accel: bool | None = None):
-    """The inverse of :func:`portable_config` where fcn's CPU kernels are on (``accel``, default
-    :func:`accel_default`); where they are off, fcn's kernels (older checkpoints) become stock layers."""
-    if accel is None:
-        accel = accel_default()
-    if not accel:
-        return portable_config(config)
-    if isinstance(config, list):
-        return [accelerated_config(v, accel) for v in config]
-    if not isinstance(config, dict):
-        return config
-    config = {k: accelerated_config(v, accel) for k, v in config.items()}
-    inner = config.get("config")
-    if config.get("class_name") == "Conv2D" and config.get("module") == "keras.layers" and isinstance(inner, dict):
-        fast = _fast_layer_for(str(inner.get("name", "")))
-        if fast:
-            config.update(module=__name__, class_name=_FAST_LAYERS[fast], registered_name=fast)
-    return config
-
-
-@functools.lru_cache(maxsize=None)
-def _computes_on_cpu() -> bool:
-    """Whether the backend computes on the CPU: SmallMapConv2D's products were measured against oneDNN there."""
-    backend = keras.config.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return not tf.config.list_logical_devices("GPU")
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() == "cpu"
-    return False
-
-
-def serving_config(config, bf16: bool = True):
-    """A saved model's config arranged for inference, with identical outputs.
-
-    Mixed dtype policies become their compute dtype (``mixed_bfloat16`` -> ``bfloat16``; the float32
-    logits layer stays float32): a mixed layer casts its float32 weights to bf16 on every call, 134M
-    of them per FCN-8s forward, and holding them in bf16 skips that (5% faster, half the memory).
-    MatmulConv2D layers take ``kernel_layout="oi"``. Weights load from the same file, unchanged.
-    ``bf16=False`` (a machine whose precision probe failed every bf16 path) serves bf16 models in float32.
-    """
-    if isinstance(config, list):
-        return [serving_config(v, bf16) for v in config]
-    if not isinstance(config, dict):
-        return config
-    # No optimizer for serving: a compiled checkpoint (last.keras) loads as the bare network.
-    config = {k: serving_config(v, bf16) for k, v in config.items() if k != "compile_config"}
-    inner = config.get("config")
-    if config.get("class_name") == "DTypePolicy" and isinstance(inner, dict):
-        name = str(inner.get("name", ""))
-        if name.startswith("mixed_"):
-            name = name.removeprefix("mixed_")
-        if not bf16 and name == "bfloat16":
-            name = "float32"
-        config["config"] = {**inner, "name": name}
-    if config.get("registered_name") == "fcn>MatmulConv2D" and isinstance(inner, dict):
-        config["config"] = {**config["config"], "kernel_layout": "oi"}
-    return config
 
 
 def rgb_to_vgg_input() -> layers.Layer:
@@ -565,21 +290,3 @@ def crop_to(outputs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Crop (B, H', W', ...) model outputs back to the original (H, W) of :func:`pad_to_multiple`."""
     h, w = size
     return outputs[:, :h, :w]
-
-
-def count_flops(model: keras.Model, height: int, width: int) -> int:
-    """Forward FLOPs (2 x multiply-adds) for one height x width image, counted analytically from the layers.
-
-    Convolutions and transposed convolutions only: pooling, ReLU and adds are under 0.1%.
-    """
-    convs = [layer for layer in model.layers if isinstance(layer, (layers.Conv2D, layers.Conv2DTranspose))]
-    probe = keras.Model(model.inputs, [(layer.input, layer.output) for layer in convs])
-    shapes = probe.compute_output_spec(keras.KerasTensor((1, height, width, 3)))
-    flops = 0
-    for layer, (inp, out) in zip(convs, shapes):
-        kh, kw = layer.kernel_size
-        in_c, out_c = inp.shape[-1], out.shape[-1]
-        # A transposed conv does its multiply-adds per input pixel; a conv per output pixel.
-        pixels = inp.shape[1] * inp.shape[2] if isinstance(layer, layers.Conv2DTranspose) else out.shape[1] * out.shape[2]
-        flops += 2 * pixels * kh * kw * in_c * out_c
-    return int(flops)

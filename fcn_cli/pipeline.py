@@ -380,8 +380,18 @@ def _read_in_passes(dataset):
     return dataset.with_options(options)
 
 
+@dataclass(frozen=True)
+class Records:
+    """TFRecord shard files (fcn data pack) as a training source: streamed, records interleaved from several
+    shards in parallel and shuffled in a seeded buffer. The root is the list of files, so tf.distribute can
+    give each worker its own shards."""
+
+    files: Sequence[str]
+    shuffle_buffer: int = 512
+
+
 def training_dataset(
-    pairs: Sequence[Pair],
+    pairs: Sequence[Pair] | Records,
     classes: ClassTable,
     *,
     image_size: Sequence[int] = (224, 224),
@@ -396,35 +406,51 @@ def training_dataset(
 ) -> tf.data.Dataset:
     """Shuffled, augmented (images, labels, sample_weight) batches; see the module docstring.
 
-    ``arrays``: already decoded (images, labels) for ``pairs`` (from load_arrays), so a caller
-    decodes once for several datasets. Otherwise pairs are decoded here, or streamed when
-    estimate_decoded_bytes(pairs) > cache_budget (bytes; default 40% of RAM; 0 always streams).
+    ``pairs``: image/mask pairs, or :class:`Records` to stream from shards. ``arrays``: already decoded
+    (images, labels) for ``pairs`` (from load_arrays), so a caller decodes once for several datasets.
+    Otherwise pairs are decoded here, or streamed when estimate_decoded_bytes(pairs) > cache_budget
+    (bytes; default 40% of RAM; 0 always streams).
 
-    The last partial batch is dropped when there is at least one full batch, so every training
-    step sees batch_size elements (a static batch dimension); a set smaller than one batch
-    still yields that one short batch rather than nothing.
+    The last partial batch is dropped when there is at least one full batch (always, from shards), so every
+    training step sees batch_size elements (a static batch dimension); a set of pairs smaller than one
+    batch still yields that one short batch rather than nothing.
     """
     size = _check_image_size(image_size)
     if batch_size < 1:
         raise FcnError(f"batch size {batch_size}: must be at least 1")
-    if not pairs:
-        raise FcnError("training set is empty; check the data folder and split")
-    weight_table = _weight_table(classes, class_weights)
-    source = _source(pairs, classes, arrays, cache_budget)
+    if isinstance(pairs, Records):
+        from fcn_cli.shards import records
 
-    def element(index, salt):
-        image, label = _fetch(source, index)
-        return _training_element(image, label, tf.stack([salt, index]), size, augment, classes, ignore_void,
+        keys = records(list(pairs.files)).shuffle(pairs.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+        def fetch(record):
+            image, label, _, _, number = record
+            return image, label, number
+
+        drop_remainder = True
+    else:
+        if not pairs:
+            raise FcnError("training set is empty; check the data folder and split")
+        source = _source(pairs, classes, arrays, cache_budget)
+        keys = tf.data.Dataset.range(len(pairs))
+        if shuffle:
+            keys = keys.shuffle(len(pairs), seed=seed, reshuffle_each_iteration=True)
+
+        def fetch(index):
+            return (*_fetch(source, index), index)
+
+        drop_remainder = len(pairs) >= batch_size
+    weight_table = _weight_table(classes, class_weights)
+
+    def element(key, salt):
+        image, label, number = fetch(key)
+        return _training_element(image, label, tf.stack([salt, number]), size, augment, classes, ignore_void,
                                  weight_table)
 
-    n = len(pairs)
-    indices = tf.data.Dataset.range(n)
-    if shuffle:
-        indices = indices.shuffle(n, seed=seed, reshuffle_each_iteration=True)
     # A fresh deterministic salt per element and epoch: same seed -> same augmentation sequence.
     salts = tf.data.Dataset.random(seed=seed + 104_729, rerandomize_each_iteration=True)
-    elements = tf.data.Dataset.zip(indices, salts).map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _batched(elements, batch_size, drop_remainder=n >= batch_size)
+    elements = tf.data.Dataset.zip(keys, salts).map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _batched(elements, batch_size, drop_remainder=drop_remainder)
 
 
 def validation_dataset(
@@ -451,39 +477,6 @@ def validation_dataset(
 
     elements = tf.data.Dataset.range(len(pairs)).map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _read_in_passes(_batched(elements, batch_size))
-
-
-def records_training_dataset(
-    files: Sequence[str],
-    classes: ClassTable,
-    *,
-    image_size: Sequence[int] = (224, 224),
-    batch_size: int = 8,
-    augment: Augment = Augment(),
-    seed: int = 0,
-    ignore_void: bool = True,
-    class_weights: Sequence[float] | None = None,
-    shuffle_buffer: int = 512,
-) -> tf.data.Dataset:
-    """training_dataset's batches, streamed from TFRecord shards (fcn data pack).
-
-    The root is the list of shard files, so tf.distribute can give each worker its own shards;
-    shuffling is a seeded buffer over records interleaved from several shards in parallel.
-    """
-    from fcn_cli.shards import records
-
-    size = _check_image_size(image_size)
-    weight_table = _weight_table(classes, class_weights)
-
-    def element(record, salt):
-        image, label, _, _, number = record
-        return _training_element(image, label, tf.stack([salt, number]), size, augment, classes, ignore_void,
-                                 weight_table)
-
-    source = records(list(files)).shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    salts = tf.data.Dataset.random(seed=seed + 104_729, rerandomize_each_iteration=True)
-    elements = tf.data.Dataset.zip(source, salts).map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _batched(elements, batch_size, drop_remainder=True)
 
 
 def records_validation_dataset(

@@ -19,6 +19,7 @@ TensorFlow and Keras versions) in the user's cache folder; `fcn doctor` shows it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -127,9 +128,12 @@ def fingerprint() -> dict:
 
 
 def _code_hash() -> str:
-    """The model and the probe as this fcn has them: a change to either makes old verdicts stale."""
-    digest = hashlib.sha256()
-    for name in ("model.py", "precision.py"):
+    """The model, its speed levers and the probe as this fcn has them: a change to any makes old verdicts
+    stale, and so does switching the levers (``FCN_ACCEL``): the probe trains what training will run."""
+    from fcn_cli import accel
+
+    digest = hashlib.sha256(b"levers on" if accel.allowed() else b"levers off")
+    for name in ("model.py", "precision.py", "accel/small_map_conv.py", "accel/matmul_conv.py", "accel/fused_adam.py"):
         try:
             digest.update((Path(__file__).parent / name).read_bytes())
         except OSError:
@@ -195,6 +199,8 @@ class Verdict:
 def _trial_summary(t: dict) -> str:
     if t.get("error"):
         return t["error"]
+    if t.get("failed_stage") == "gradients":
+        return f"gradients vs float32: worst cosine {t['gradient_cosine']:.3f} ({t['gradient_worst']}); not trained further"
     return (f"gradients vs float32: worst cosine {t['gradient_cosine']:.3f} ({t['gradient_worst']}); after "
             f"training: pixel accuracy {t['accuracy']:.3f}, agreement with float32 {t['agreement']:.3f}, "
             f"final loss {t['final_loss']:.3g}")
@@ -212,12 +218,41 @@ def cached_verdict() -> Verdict | None:
 
 
 def verdict(recheck: bool = False, console=None) -> Verdict:
-    """The cached verdict for this machine, or a fresh probe (cached when the cache folder is writable)."""
+    """The cached verdict for this machine, or a fresh probe (cached when the cache folder is writable).
+
+    One probe per machine at a time: an fcn started while another probes waits and reads its verdict."""
     if not recheck:
         found = cached_verdict()
         if found is not None:
             return found
     fp = fingerprint()
+    with _probe_lock(fp):
+        found = None if recheck else cached_verdict()
+        return found if found is not None else _probe(fp, console)
+
+
+@contextlib.contextmanager
+def _probe_lock(fp: dict):
+    """An exclusive lock beside the cache file (none where the folder is unwritable or there is no flock)."""
+    try:
+        import fcntl
+
+        path = cache_path(fp).with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _probe(fp: dict, console) -> Verdict:
+    """Trial the candidate paths in order (fastest first) until one passes; float32 when none does."""
     paths = candidates()
     trials = []
     chosen = FLOAT32
@@ -533,16 +568,16 @@ def full_width_steps(policy: str, steps: int = 2) -> list[float]:
     import keras
     import numpy as np
 
+    from fcn_cli import accel
+    from fcn_cli.fit import compile_model
     from fcn_cli.model import build_fcn
-    from fcn_cli.optimizers import FusedAdam
-    from fcn_cli.train import compile_model
 
     images, labels = easy_set(4)
     try:
         keras.mixed_precision.set_global_policy(policy)
         keras.utils.set_random_seed(1)
         model = build_fcn("fcn8", 12, None, width=1.0, head_width=4096, dropout=0.0)
-        compile_model(model, FusedAdam(1e-4), 12, 11)
+        compile_model(model, accel.adam(1e-4), 12, 11)
         return [float(np.asarray(model.train_on_batch(images, labels))[0]) for _ in range(steps)]
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -553,13 +588,13 @@ def train_probe_model(policy: str, epochs: int = PROBE_EPOCHS, fault: bool = Fal
     import keras
     import numpy as np
 
-    from fcn_cli.optimizers import FusedAdam
-    from fcn_cli.train import compile_model
+    from fcn_cli import accel
+    from fcn_cli.fit import compile_model
 
     images, labels = easy_set()
     try:
         model = probe_model(policy)
-        compile_model(model, FusedAdam(3e-3), 12, 11)
+        compile_model(model, accel.adam(3e-3), 12, 11)
         callbacks = [_scrambler(epochs // 2)] if fault else []
         history = model.fit(images, labels, batch_size=PROBE_BATCH, epochs=epochs, verbose=0, shuffle=False,
                             callbacks=callbacks)
@@ -605,23 +640,28 @@ def _trial_main(name: str, out_dir: Path, reference: str | None) -> int:
     started = time.perf_counter()
     cosines = gradient_cosines(path.precision, fault=name in faults)
     worst = min(cosines, key=lambda k: cosines[k] if np.isfinite(cosines[k]) else -np.inf)
-    full_width = full_width_steps(path.precision)
-    pred, losses, labels = train_probe_model(path.precision, fault=name in faults)
-    accuracy = float((pred == labels).mean())
-    agreement = float((pred == ref).mean())
-    finite = all(np.isfinite(losses)) and all(np.isfinite(full_width))
     result = {
         "path": name, "precision": path.precision, "isa_cap": path.isa_cap,
-        "ok": bool(finite and accuracy >= PASS_ACCURACY and agreement >= PASS_AGREEMENT
-                   and cosines[worst] >= PASS_GRADIENT_COSINE),
-        "gradient_cosine": round(cosines[worst], 4), "gradient_worst": worst, "full_width_losses": full_width,
-        "accuracy": round(accuracy, 4), "agreement": round(agreement, 4),
-        "first_loss": losses[0], "final_loss": losses[-1] if finite else float("nan"),
-        "max_loss": max(losses) if finite else float("nan"),
-        "reference_accuracy": round(float((ref == labels).mean()), 4),
-        "train_seconds": round(time.perf_counter() - started, 2), "reference_seconds": round(ref_seconds, 2),
-        "reference": reference, "injected_fault": name in faults,
+        "gradient_cosine": round(cosines[worst], 4), "gradient_worst": worst,
+        "reference": reference, "injected_fault": name in faults, "reference_seconds": round(ref_seconds, 2),
     }
+    if not cosines[worst] >= PASS_GRADIENT_COSINE:
+        # Wrong gradients fail the path: training on them (stages 2 and 3) would only take longer to say so.
+        result.update(ok=False, failed_stage="gradients", train_seconds=round(time.perf_counter() - started, 2))
+    else:
+        full_width = full_width_steps(path.precision)
+        pred, losses, labels = train_probe_model(path.precision, fault=name in faults)
+        accuracy = float((pred == labels).mean())
+        agreement = float((pred == ref).mean())
+        finite = all(np.isfinite(losses)) and all(np.isfinite(full_width))
+        result.update({
+            "ok": bool(finite and accuracy >= PASS_ACCURACY and agreement >= PASS_AGREEMENT),
+            "full_width_losses": full_width, "accuracy": round(accuracy, 4), "agreement": round(agreement, 4),
+            "first_loss": losses[0], "final_loss": losses[-1] if finite else float("nan"),
+            "max_loss": max(losses) if finite else float("nan"),
+            "reference_accuracy": round(float((ref == labels).mean()), 4),
+            "train_seconds": round(time.perf_counter() - started, 2),
+        })
     tmp = out_dir / "result.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out_dir / "result.json")

@@ -26,9 +26,9 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fcn_cli.accel.checkpoint_io import load_weights, save_keras
 from fcn_cli.errors import FcnError
 from fcn_cli.images import _umask_mode, atomic_write_bytes
-from fcn_cli.keras_file import load_weights, save_keras
 
 META_ENTRY = "fcn.json"
 LOG_FIELDS = ("epoch", "loss", "val_loss", "val_pixel_accuracy", "val_miou", "lr", "seconds", "images_per_s")
@@ -90,7 +90,7 @@ def prepare_checkpoint(model, path: Path, meta: dict, portable: bool = False) ->
             os.fchmod(fd, _umask_mode())
         finally:
             os.close(fd)
-        from fcn_cli.model import stock_model
+        from fcn_cli.accel.swap import stock_model
 
         save_keras(stock_model(model) if portable else model, tmp,
                    {META_ENTRY: json.dumps(meta, indent=2, sort_keys=True).encode()})
@@ -123,8 +123,9 @@ def _write_error(path: Path, exc: OSError) -> FcnError:
     )
 
 
-def read_checkpoint_meta(path: Path) -> dict:
-    """The metadata of a checkpoint, checking first that it is a complete .keras file."""
+def read_checkpoint_meta(path: Path, verify: bool = True) -> dict:
+    """The metadata of a checkpoint, checking first that it is a complete .keras file (``verify``: every
+    member's CRC too, a read of the whole file; without it only the zip's directory and members)."""
     path = Path(path)
     if path.is_dir():
         raise FcnError(f"{path}: is a folder; give a .keras checkpoint file (e.g. models/fcn8.keras)")
@@ -136,7 +137,7 @@ def read_checkpoint_meta(path: Path) -> dict:
             names = set(zf.namelist())
             if not {"config.json", "model.weights.h5"} <= names:
                 raise FcnError(f"{path}: not a Keras model file (no config.json / weights inside)")
-            bad = zf.testzip()
+            bad = zf.testzip() if verify else None
             if bad is not None:
                 raise FcnError(f"{path}: checkpoint is corrupt (entry {bad} fails its CRC); use another checkpoint")
             return json.loads(zf.read(META_ENTRY)) if META_ENTRY in names else {}
@@ -149,16 +150,19 @@ def read_checkpoint_meta(path: Path) -> dict:
 def load_checkpoint(path: Path, num_classes: int | None = None, compile: bool = False, for_inference: bool = False):
     """(model, meta) from a .keras file, in Keras safe mode: no code inside the file is run.
 
-    ``for_inference``: the model is built from :func:`fcn_cli.model.serving_config` (weights in the
-    compute dtype, head kernels in the product's fast layout), with identical outputs.
+    ``for_inference``: the model is built from :func:`fcn_cli.accel.serving.serving_config` (where the
+    levers are on: weights in the compute dtype, head kernels in the product's fast layout), with
+    identical outputs.
     """
     import keras
 
     import fcn_cli.metrics  # noqa: F401  registers the custom metrics a compiled checkpoint names
-    import fcn_cli.model  # registers MatmulConv2D and SmallMapConv2D; serving_config
-    import fcn_cli.optimizers  # noqa: F401  registers FusedAdam (the optimizer inside last.keras)
-
+    from fcn_cli import accel
+    from fcn_cli.accel.serving import serving_config
+    from fcn_cli.accel.swap import accelerated_config, with_layers_of
     from fcn_cli.precision import bf16_verified
+
+    accel.register_serializables()  # last.keras may name fcn's kernels and FusedAdam
 
     path = Path(path)
     meta = read_checkpoint_meta(path)
@@ -169,12 +173,12 @@ def load_checkpoint(path: Path, num_classes: int | None = None, compile: bool = 
             bf16 = bf16_verified()
             # The weights are keyed by the layer classes the file was written with; fcn's kernels
             # (where they pay here) get them layer by layer from a model of those classes.
-            written = fcn_cli.model.serving_config(saved, bf16=bf16)
-            wanted = fcn_cli.model.serving_config(fcn_cli.model.accelerated_config(saved), bf16=bf16)
+            written = serving_config(saved, bf16=bf16)
+            wanted = serving_config(accelerated_config(saved), bf16=bf16)
             model = keras.saving.deserialize_keras_object(written, safe_mode=True)
             load_weights(model, path)  # float32 values, cast into the compute-dtype variables
             if wanted != written:
-                model = fcn_cli.model.with_layers_of(model, keras.saving.deserialize_keras_object(wanted, safe_mode=True))
+                model = with_layers_of(model, keras.saving.deserialize_keras_object(wanted, safe_mode=True))
         else:
             model = keras.saving.load_model(path, compile=compile, safe_mode=True)
     except Exception as exc:

@@ -1,18 +1,25 @@
-"""Writing a model to a ``.keras`` file in one pass over its weights.
+"""Writing and reading a model's ``.keras`` file in one pass over its weights.
 
-A ``.keras`` file is a zip of ``config.json``, ``metadata.json`` and ``model.weights.h5`` (plus our
-``fcn.json``). ``model.save`` builds the HDF5 image in memory, copies each variable into numpy on
-the way, then copies the image into the zip: three to four passes over the checkpoint, each over
-memory the process has not touched before. For FCN-8s with its Adam state (1.6 GB) that took 9.3 s
-of every commit on the bench machine, and transiently twice the checkpoint in RAM; this takes 2.2 s.
+A ``.keras`` file is a zip of ``config.json``, ``metadata.json`` and ``model.weights.h5`` (plus fcn's
+``fcn.json``). ``model.save`` builds the HDF5 image in memory, copies each variable into numpy on the
+way, then copies the image into the zip: three to four passes over the checkpoint, each over memory the
+process has not touched before. Measured (bench/NOTES.md, "Speed notes", items 7-8; 2-core AMD EPYC):
+FCN-8s with its Adam state (1.6 GB) took 9.3 s of every commit and transiently twice the checkpoint in
+RAM; this writer takes 0.8-2.2 s. ``model.load_weights`` on Python 3.11 re-reads the zip member at every
+backward seek HDF5 makes: 4.7 s against 0.9 s in place. On the Intel Xeon with AMX (``make bench``,
+2026-12-03): last.keras 3.5 s, best.keras 0.8 s.
 
-Here HDF5 writes each variable's array straight to its place inside the zip (the member is stored,
-not compressed, exactly as Keras stores it; the big datasets around the page cache), the CRC is read
-back from the file, and ``zipfile`` writes the small members and the central directory. The layout of the HDF5 image is
-Keras's own (its ``_save_state`` walks the model and its ``H5IOStore`` names every group), so
-``keras.saving.load_model`` reads the file like one it wrote; ``tests/test_keras_file.py`` holds it
-to that, value for value in the weights, for every kind of model fcn writes. A model with assets
-(text vocabularies) or a Keras whose internals moved goes through ``model.save`` instead.
+Here HDF5 writes each variable's array straight to its place inside the zip (the member is stored, not
+compressed, exactly as Keras stores it; the big datasets around the page cache), the CRC is read back
+from the file, and ``zipfile`` writes the small members and the central directory. The layout of the
+HDF5 image is Keras's own (its private ``_save_state`` walks the model and its ``H5IOStore`` names every
+group), so ``keras.saving.load_model`` reads the file like one it wrote; ``tests/test_checkpoint_io.py``
+holds it to that, value for value, for every kind of model fcn writes.
+
+The private names are used only where :func:`fcn_cli.accel.keras_internals_usable` says this Keras is
+one they were tested with; anywhere else, and on any failure that is not the file system's, the public
+``model.save`` / ``model.load_weights`` do the work (:func:`save_with_keras`; the suite runs that path
+too, and the whole suite passes under ``FCN_ACCEL=0``, which takes it always).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from fcn_cli.accel import keras_internals_usable
 
 WEIGHTS = "model.weights.h5"
 _ZIP64_EXTRA = struct.Struct("<HHQQ")  # header id 1, data size 16, uncompressed size, compressed size
@@ -232,10 +241,12 @@ def save_keras(model, path: str | Path, extra: dict[str, bytes] | None = None) -
     On the bench machine 1.6 GB took 3.8 s through the page cache (plus 0.5 s of fsync) and 0.9 s
     direct. Where the file system refuses O_DIRECT everything goes through the cache.
     """
+    if not keras_internals_usable():
+        return save_with_keras(model, path, extra)
     try:
-        from keras.src.saving.saving_lib import H5IOStore, _save_state, _serialize_model_as_json  # noqa: F401
+        from keras.src.saving.saving_lib import _save_state, _serialize_model_as_json
     except ImportError:  # a Keras whose internals moved: its own save, at its own speed
-        return _save_with_keras(model, path, extra)
+        return save_with_keras(model, path, extra)
 
     config_json, metadata_json = _serialize_model_as_json(model)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -257,7 +268,7 @@ def save_keras(model, path: str | Path, extra: dict[str, bytes] | None = None) -
             # Assets, or a Keras whose internals moved under this writer: Keras's own saver.
             os.close(fd)
             fd = -1
-            return _save_with_keras(model, path, extra)
+            return save_with_keras(model, path, extra)
         if region.error is not None:
             raise region.error
         size = region.size
@@ -294,17 +305,26 @@ def save_keras(model, path: str | Path, extra: dict[str, bytes] | None = None) -
 
 def load_weights(model, path: str | Path) -> None:
     """Load the weights of the ``.keras`` file ``path`` into ``model`` (built from a compatible
-    config: its own, or :func:`fcn_cli.model.serving_config` of it), as ``model.load_weights`` does.
+    config: its own, or :func:`fcn_cli.accel.serving.serving_config` of it), as ``model.load_weights`` does.
 
     ``model.load_weights`` reads the weights member through ``zipfile``'s stream, which on
     Python 3.11 re-reads (and re-checksums) the member from its start at every backward seek HDF5
     makes: 4.7 s instead of 1.7 s for FCN-8s. A stored member is read here in place instead (the
     caller has checked the archive's CRCs once, see ``runs.read_checkpoint_meta``).
     """
-    try:
-        from keras.src.saving.saving_lib import _load_state, _raise_loading_failure
-    except ImportError:
+    if not keras_internals_usable():
         return model.load_weights(str(path))
+    try:
+        _load_in_place(model, path)
+    except OSError:
+        raise
+    except Exception:  # a wrong file, or internals that moved: Keras's own reader says which, or succeeds
+        model.load_weights(str(path))
+
+
+def _load_in_place(model, path: str | Path) -> None:
+    from keras.src.saving.saving_lib import _load_state, _raise_loading_failure
+
     with open(path, "rb") as fh:  # one open file: offsets and data from the same inode
         with zipfile.ZipFile(fh) as zf:
             info = zf.getinfo(WEIGHTS)
@@ -327,7 +347,8 @@ def load_weights(model, path: str | Path) -> None:
             _raise_loading_failure(errors)
 
 
-def _save_with_keras(model, path: str | Path, extra: dict[str, bytes] | None) -> None:
+def save_with_keras(model, path: str | Path, extra: dict[str, bytes] | None = None) -> None:
+    """The public path: ``model.save``, then ``extra`` entries appended to the zip."""
     model.save(str(path))
     with zipfile.ZipFile(path, "a") as zf:
         for name, data in (extra or {}).items():

@@ -1,0 +1,294 @@
+"""What runs beside ``model.fit`` in a training run: the recorder that commits the run folder, the
+guard against runaway or diverged runs, Ctrl-C as a request, and the progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+from fcn_cli.train import checkpoint_meta
+
+
+def _keras_callback_base():
+    import keras
+
+    return keras.callbacks.Callback
+
+
+class EpochRecorder(_keras_callback_base()):
+    """After each finished epoch: log row, state and best weights; written to the run folder in commits.
+
+    A commit writes last.keras, log.csv, state.json, best.keras (when the best moved) and curves.png:
+    one consistent snapshot of the run. Writing the full FCN-8s with its Adam state takes seconds
+    (1.6 GB), so commits are spaced to keep their time under ``cfg.checkpoint_overhead`` of the
+    wall time: the first epoch always commits (that measures the cost), later ones when the time
+    since the last commit pays for one, and the last epoch, a time-limit stop and Ctrl-C always do.
+    A kill between commits loses only the epochs since the last one; --resume redoes them.
+    The best weights are held in an uncompiled twin of the model until the next commit, so a
+    later, worse epoch never leaks into best.keras (which carries no optimizer state: it is what
+    evaluate and predict load).
+    """
+
+    def __init__(self, run, cfg, classes, precision, state, rows, console, strategy=None, every_epoch=False):
+        super().__init__()
+        # Workers of a multi-worker run must agree on when to save: timing-based spacing could differ.
+        self.every_epoch = every_epoch
+        self.run, self.cfg, self.classes, self.precision = run, cfg, classes, precision
+        self.state, self.rows, self.console = dict(state), list(rows), console
+        self.strategy = strategy
+        self.diverged = None
+        self.stable = None
+        self._started = time.perf_counter()
+        self._t0 = None
+        self._images = 0
+        self._twin = None  # uncompiled copy of the model holding the best weights
+        self._best_meta = None  # set while best weights wait for the next commit
+        self._meta = None  # metadata of the last finished, uncommitted epoch
+        self._commit_s = None
+        self._committed_at = time.perf_counter()
+        self.commits = []  # what each commit cost: {"epoch", "seconds"}
+        self.epoch_ends_s = []  # from self._started to the end of each on_epoch_end (whole-epoch timing)
+
+    def on_train_begin(self, logs=None):
+        import keras
+
+        # Made here, where every worker of a distributed run is in step (variables are created in
+        # the strategy's scope); from the config, not keras.models.clone_model: a clone of a
+        # compiled model is compiled too, and its optimizer state would end up in best.keras.
+        if self._twin is None:
+            from fcn_cli.accel.swap import portable_config
+
+            # Stock layers: best.keras is what users take home, and plain Keras must read it.
+            with self.strategy.scope() if self.strategy is not None else contextlib.nullcontext():
+                self._twin = keras.Model.from_config(portable_config(self.model.get_config()))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+        self._images = 0
+        self._train_seconds = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        self._images += self.cfg.batch_size
+        self._train_seconds = time.perf_counter() - self._t0
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged = (self.state["epochs_done"] + 1, float(loss))
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.diverged:
+            self.commit_best_only()
+            return  # never let a NaN model replace the last good checkpoint
+        logs = logs or {}
+        # The last batch's update can blow the weights up after every batch loss was finite:
+        # a non-finite epoch or validation loss is divergence too, and this model is not saved.
+        for key in ("loss", "val_loss"):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(float(value)):
+                self.diverged = (epoch + 1, float(value))
+                self.model.stop_training = True
+                self.commit_best_only()
+                return
+        runaway = runaway_loss(logs.get("loss"), [r.get("loss") for r in self.rows])
+        if runaway:
+            self.diverged = (epoch + 1, float(logs["loss"]), runaway)
+            self.model.stop_training = True
+            self.commit_best_only()
+            return
+        seconds = time.perf_counter() - self._t0
+        miou = float(logs.get("val_miou", float("nan")))
+        row = {
+            "epoch": epoch + 1,
+            "loss": float(logs.get("loss", float("nan"))),
+            "val_loss": float(logs.get("val_loss", float("nan"))),
+            "val_pixel_accuracy": float(logs.get("val_pixel_accuracy", float("nan"))),
+            "val_miou": miou,
+            "lr": _current_lr(self.model),
+            "seconds": round(seconds, 2),
+            # Training images per second of the epoch's training part (validation excluded).
+            "images_per_s": round(self._images / self._train_seconds, 3) if self._train_seconds > 0 else None,
+        }
+        self._meta = checkpoint_meta(self.cfg, self.classes, self.precision, epoch + 1, miou)
+        best = self.state["best_miou"]
+        if math.isfinite(miou) and (best is None or miou > best):
+            self._hold_best(self._meta)
+            self.state.update(best_miou=miou, best_epoch=epoch + 1)
+        self.state["epochs_done"] = epoch + 1
+        self.rows.append(row)
+        stopping = bool(self.cfg.time_limit) and self._would_overrun(seconds)
+        if stopping or epoch + 1 >= self.cfg.epochs or self._commit_due():
+            self.commit(self.model)
+        self.epoch_ends_s.append(round(time.perf_counter() - self._started, 3))
+        if stopping:
+            self.console.print(f"time limit of {self.cfg.time_limit:g} min reached after epoch {epoch + 1}")
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self._meta is not None and not self.diverged:  # an early stop left epochs uncommitted
+            self.commit(self.model)
+
+    def _commit_due(self) -> bool:
+        if self._commit_s is None or self.every_epoch or self.cfg.checkpoint_overhead >= 1:
+            return True
+        since = time.perf_counter() - self._committed_at
+        return self._commit_s <= self.cfg.checkpoint_overhead * (since + self._commit_s)
+
+    def _hold_best(self, meta: dict) -> None:
+        if self._twin is None:  # driven without fit() (tests)
+            self.on_train_begin()
+        self._best_meta = None  # an interrupted copy must never be written as a best
+        for dst, src in zip(self._twin.weights, self.model.weights):
+            dst.assign(src)
+        self._best_meta = meta
+
+    def commit(self, model, meta: dict | None = None) -> None:
+        """Write the run's state: ``model`` as last.keras (with ``meta``, default the last finished
+        epoch's), log, state, then the held best weights and the stable link, then the curves."""
+        started = time.perf_counter()
+        meta = meta or self._meta
+        self.run.end_epoch(model, meta, self.rows, self.state)
+        self._meta = None
+        self.commit_best_only()
+        self.run.plot_curves(self.rows)
+        self._committed_at = time.perf_counter()
+        self._commit_s = self._committed_at - started
+        self.commits.append({"epoch": self.state["epochs_done"], "seconds": round(self._commit_s, 3)})
+
+    def commit_mid_epoch(self, model) -> None:
+        """Commit after an interruption: mid-epoch weights go to last.keras, labelled (like the log
+        and the state) with the last finished epoch."""
+        self.commit(model, checkpoint_meta(self.cfg, self.classes, self.precision, self.state["epochs_done"], None))
+
+    def commit_best_only(self) -> None:
+        if self._best_meta is None:
+            return
+        self.run.save_checkpoint(self._twin, "best", self._best_meta)
+        self._best_meta = None
+        self.stable = self.run.link_stable(Path(self.cfg.out) / f"{self.cfg.variant}.keras")
+
+    def _would_overrun(self, last_epoch_seconds: float) -> bool:
+        elapsed = time.perf_counter() - self._started
+        return elapsed + last_epoch_seconds > self.cfg.time_limit * 60
+
+
+# An epoch's mean training loss this many times the lowest epoch's, and above the first epoch's (where
+# the untrained network started), is a run that has left its basin. Measured (bench/NOTES.md, "What fcn
+# does about it"): healthy runs stayed within 1.04x of their lowest epoch (demo, CamVid); the AMX-broken
+# demo passed 4x at epoch 5 and went on to 479x, the broken CamVid run of issue 15 to 1e11x, no NaN.
+RUNAWAY_FACTOR = 4.0
+
+
+def runaway_loss(loss, earlier: list) -> str | None:
+    """Why this epoch's training loss means a runaway run, or None (NaN is caught per batch)."""
+    finite = [float(v) for v in earlier if v is not None and math.isfinite(float(v))]
+    if loss is None or not finite or not math.isfinite(float(loss)):
+        return None
+    best = min(finite)
+    if float(loss) > RUNAWAY_FACTOR * best and float(loss) > finite[0]:
+        return f"{float(loss) / best:.0f}x the lowest epoch loss {best:.4g}" if float(loss) >= 10 * best else \
+            f"{float(loss) / best:.1f}x the lowest epoch loss {best:.4g}"
+    return None
+
+
+class StopOnCtrlC(_keras_callback_base()):
+    """Ctrl-C during fit as a request: the running batch ends, then KeyboardInterrupt leaves fit from here.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, and inside a weakref
+    or ``__del__`` callback (TensorFlow runs many) it is printed and dropped: the run went on as if
+    nothing was pressed (seen in tests/test_cli.py). A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        # Only in place of Python's own handler: an ignored SIGINT (nohup, a background job) stays ignored.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        if exc_type is None:  # a request after the last batch (during the final commit, say) still stops
+            self._stop_if_requested()
+        return False
+
+    def _request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _stop_if_requested(self, *args, **kwargs):
+        if self.requested:
+            self.requested = False
+            raise KeyboardInterrupt
+
+    # At batch ends, where a step has finished; not at on_epoch_end, where a commit may just have run
+    # (the stop commits again). A request after the last batch is raised on leaving the block.
+    on_train_batch_end = on_test_batch_end = _stop_if_requested
+
+
+def _current_lr(model) -> float:
+    opt = model.optimizer
+    lr = opt.learning_rate
+    try:
+        return float(lr(opt.iterations)) if callable(lr) else float(lr)
+    except Exception:
+        return float(opt._get_current_learning_rate()) if hasattr(opt, "_get_current_learning_rate") else float("nan")
+
+
+class RichProgress(_keras_callback_base()):
+    """A rich progress bar per epoch (step, loss, images/s), then a line with the validation scores."""
+
+    def __init__(self, console, steps, batch_size, epochs):
+        super().__init__()
+        self.console, self.steps, self.batch_size, self.epochs = console, steps, batch_size, epochs
+        self.progress = None
+        self.task = None
+        self._t0 = 0.0
+
+    def _new_progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        return Progress(
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} img/s"),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.progress = self._new_progress()
+        self.progress.start()
+        self._t0 = time.perf_counter()
+        self.task = self.progress.add_task(
+            "train", total=self.steps, epoch=epoch + 1, epochs=self.epochs, loss=float("nan"), rate=0.0
+        )
+
+    def on_train_batch_end(self, batch, logs=None):
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        loss = float((logs or {}).get("loss", float("nan")))
+        self.progress.update(self.task, completed=batch + 1, loss=loss, rate=(batch + 1) * self.batch_size / elapsed)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.stop()
+        self.console.print(
+            f"  val loss {logs.get('val_loss', float('nan')):.4f}  "
+            f"val pixel acc {logs.get('val_pixel_accuracy', float('nan')):.3f}  "
+            f"val mIoU {logs.get('val_miou', float('nan')):.3f}"
+        )
+
+    def stop(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
