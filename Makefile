@@ -20,7 +20,8 @@ demo: install
 	$(FCN) demo
 
 test: install
-	$(PY) -m pytest -q
+	# One worker per core (pytest-xdist); a test file stays on one worker, so its module fixtures are made once.
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: install
 	$(PY) bench/speed.py

@@ -52,6 +52,13 @@ def segnet_set(root: Path, samples, train: int = 3, val: int = 1) -> Path:
     return root
 
 
+def prepped_set(root: Path, samples, names: dict[str, str]) -> None:
+    """The prepped layout (images_prepped_<split>/, annotations_prepped_<split>/): one pair per split,
+    named ``names[split]``, copied from consecutive samples."""
+    place(samples, {(root / f"images_prepped_{split}" / name, root / f"annotations_prepped_{split}" / name): i
+                    for i, (split, name) in enumerate(names.items())})
+
+
 def as_jpeg(path: Path) -> Path:
     """Re-save an image as JPEG beside itself (removing the PNG); returns the new path."""
     jpeg = path.with_suffix(".jpg")
@@ -86,11 +93,8 @@ def test_real_camvid_is_segnet(camvid_dir):
 
 
 def test_prepped_layout_test_serves_as_val(tmp_path, samples):
-    place(samples, {
-        (tmp_path / "images_prepped_train" / "a.png", tmp_path / "annotations_prepped_train" / "a.png"): 0,
-        (tmp_path / "images_prepped_train" / "b.png", tmp_path / "annotations_prepped_train" / "b.png"): 1,
-        (tmp_path / "images_prepped_test" / "c.png", tmp_path / "annotations_prepped_test" / "c.png"): 2,
-    })
+    prepped_set(tmp_path, samples, {"train": "a.png", "test": "c.png"})
+    place(samples, {(tmp_path / "images_prepped_train" / "b.png", tmp_path / "annotations_prepped_train" / "b.png"): 2})
     dataset = find_dataset(tmp_path)
     assert dataset.layout == "prepped"
     assert list(dataset.splits) == ["train", "val", "test"]
@@ -102,11 +106,7 @@ def test_prepped_layout_test_serves_as_val(tmp_path, samples):
 
 
 def test_prepped_layout_with_val(tmp_path, samples):
-    place(samples, {
-        (tmp_path / "images_prepped_train" / "a.png", tmp_path / "annotations_prepped_train" / "a.png"): 0,
-        (tmp_path / "images_prepped_val" / "v.png", tmp_path / "annotations_prepped_val" / "v.png"): 1,
-        (tmp_path / "images_prepped_test" / "t.png", tmp_path / "annotations_prepped_test" / "t.png"): 2,
-    })
+    prepped_set(tmp_path, samples, {"train": "a.png", "val": "v.png", "test": "t.png"})
     dataset = find_dataset(tmp_path)
     assert [p.name for p in dataset.pairs("val")] == ["v.png"]
     assert [p.name for p in dataset.pairs("test")] == ["t.png"]
@@ -305,13 +305,18 @@ def test_quick_check_reads_headers_only(tmp_path, samples):
     assert "mask is" in problems[0].message
 
 
-def test_quick_check_is_fast_on_camvid(camvid_dir):
-    import time
+def test_quick_check_decodes_no_pixels_of_camvid(camvid_dir, monkeypatch):
+    """Headers only on the real set: not one image's pixels are decoded (what keeps it quick)."""
+    from PIL import ImageFile
 
+    decoded = []
+    real_load = ImageFile.ImageFile.load  # what decoding a PNG or JPEG file runs
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or real_load(self))
     dataset = find_dataset(camvid_dir)
-    start = time.perf_counter()
     assert quick_check(dataset, CAMVID, SPLITS[:2]) == []
-    assert time.perf_counter() - start < 2.0
+    assert decoded == []
+    np.asarray(Image.open(dataset.pairs("train")[0].image))  # the probe itself sees a decode
+    assert len(decoded) == 1
 
 
 # --------------------------------------------------------------------------- statistics and report

@@ -90,6 +90,7 @@ print(sorted({{type(layer).__name__ for layer in model.layers}}))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Conv2D" in proc.stdout and "MatmulConv2D" not in proc.stdout
     # fcn puts its kernels back where they pay, and leaves them out where they are switched off.
+    monkeypatch.delenv("FCN_ACCEL", raising=False)
     served, _ = load_checkpoint(best, for_inference=True)
     assert "MatmulConv2D" in {type(layer).__name__ for layer in served.layers}
     monkeypatch.setenv("FCN_ACCEL", "0")

@@ -44,7 +44,7 @@ MIRRORED_CHECK = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     from fcn_cli.model import build_fcn
-    from fcn_cli.train import compile_model
+    from fcn_cli.fit import compile_model
 
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32")
@@ -166,9 +166,10 @@ def test_pack_then_read_gives_the_same_pairs(synth, tmp_path):
 
 
 def test_truncated_shard_is_one_clear_line(synth, tmp_path):
+    from fcn_cli import shards
+
     out = tmp_path / "shards"
-    proc = _run(["data", "pack", synth, "--out", out, "--shards", "2"])
-    assert proc.returncode == 0, proc.stderr
+    shards.pack(synth, out, CAMVID, shards=2)
     victim = sorted(out.glob("train-*.tfrecord"))[0]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import META, tiny_model
 from PIL import Image
 from rich.console import Console
 
@@ -18,28 +19,10 @@ from fcn_cli.errors import FcnError
 
 H, W = 70, 90  # not multiples of 32: the model's output must come back to exactly this size
 VOID = CAMVID.ignore_index
-META = {"variant": "fcn8", "classes": CAMVID.to_dict(), "image_size": [64, 64], "width": 1 / 16, "head_width": 16}
 
 
 def _quiet() -> Console:
     return Console(file=io.StringIO(), width=120)
-
-
-def _tiny_model(seed: int = 0, random_scores: bool = True):
-    import keras
-
-    from fcn_cli.model import build_fcn
-
-    keras.utils.set_random_seed(seed)
-    model = build_fcn("fcn8", 12, backbone_weights=None, width=1 / 16, head_width=16)
-    if random_scores:  # score layers start at zero (all logits 0); give them weights so predictions vary
-        rng = np.random.default_rng(seed)
-        for layer in model.layers:
-            if layer.name.startswith("score"):
-                kernel, bias = layer.get_weights()
-                layer.set_weights([rng.normal(0, 1.0, kernel.shape).astype("float32"),
-                                   rng.normal(0, 0.5, bias.shape).astype("float32")])
-    return model
 
 
 def _write_pair(folder: Path, annot: Path, name: str, rng) -> np.ndarray:
@@ -78,7 +61,7 @@ def checkpoint(tmp_path_factory):
     run = tmp_path_factory.mktemp("models") / "fcn8-20260101-000000"
     run.mkdir()
     path = run / "best.keras"
-    save_checkpoint(_tiny_model(), path, META)
+    save_checkpoint(tiny_model(), path, META)
     return path
 
 
@@ -128,7 +111,7 @@ def test_known_prediction_gives_hand_computed_scores(dataset, tmp_path):
     from fcn_cli.runs import save_checkpoint
 
     root, labels = dataset
-    model = _tiny_model(random_scores=False)  # every score layer is zero ...
+    model = tiny_model(random_scores=False)  # every score layer is zero ...
     layer = model.get_layer("score_pool3")
     kernel, bias = layer.get_weights()
     bias[3] = 5.0  # ... except this bias: logits are 0 for every class but 3, positive for 3
@@ -173,7 +156,7 @@ def test_plain_keras_file_without_metadata_uses_camvid_and_native_mode(dataset, 
 
     root, labels = dataset
     path = tmp_path / "plain.keras"
-    _tiny_model(seed=1).save(path)  # no fcn.json inside
+    tiny_model(seed=1).save(path)  # no fcn.json inside
     console = _quiet()
     result = evaluate(path, root, split="val", json_path=tmp_path / "plain.json", console=console)
     assert result["mode"] == "native" and "native mode" in console.file.getvalue()
@@ -225,7 +208,7 @@ def test_resize_mode_uses_the_recorded_inference_size_unless_overridden(dataset,
 
     root, _ = dataset
     path = tmp_path / "zoomed.keras"
-    save_checkpoint(_tiny_model(), path, {**META, "inference_size": [96, 128]})
+    save_checkpoint(tiny_model(), path, {**META, "inference_size": [96, 128]})
     recorded = evaluate(path, root, json_path=tmp_path / "a.json", batch_size=2, console=_quiet())
     assert recorded["image_size"] == [96, 128]
     override = evaluate(path, root, json_path=tmp_path / "b.json", batch_size=2, console=_quiet(), image_size=(32, 64))

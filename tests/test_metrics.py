@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from fractions import Fraction as F
 
+import keras
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-import keras
 
 from fcn_cli.metrics import (
     ConfusionMatrix,

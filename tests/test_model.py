@@ -1,23 +1,22 @@
 """The FCN builder: shapes, parameter count, layer names, bilinear init, net surgery, staged transfer."""
 
+import importlib.util
 import os
 import subprocess
 import sys
-import importlib.util
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
-import keras
-
 from fcn_cli.errors import FcnError
+from fcn_cli.flops import count_flops
 from fcn_cli.model import (
     VARIANTS,
     bilinear_kernel,
     build_fcn,
     crop_to,
-    count_flops,
     pad_to_multiple,
     transfer_weights,
 )
@@ -245,24 +244,16 @@ def test_flops_match_the_paper_scale():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
-def test_builds_and_runs_under_jax_backend():
-    code = (
-        "import numpy as np; from fcn_cli.model import build_fcn;"
-        "m = build_fcn('fcn8', backbone_weights=None, width=1/16, head_width=16);"
-        "y = m.predict(np.zeros((1, 64, 64, 3), 'float32'), verbose=0); assert y.shape == (1, 64, 64, 12);"
-        "import keras; print(keras.backend.backend())"
-    )
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("jax")
-
-
-def test_small_map_conv_gradient_under_jax_backend():
+def test_builds_and_trains_under_jax_backend_with_and_without_the_levers():
+    """Backend-neutral Keras: the stock model predicts under JAX; SmallMapConv2D's gradient is Conv2D's there,
+    and the accelerated bf16 model's gradient takes its products (one JAX process for all three: its start
+    is slow). bench/gpu_check.py's test trains that model under JAX until its loss falls."""
     code = """
 import numpy as np, jax, keras
-from fcn_cli.model import SmallMapConv2D, build_fcn
+from fcn_cli.accel.small_map_conv import SmallMapConv2D
+from fcn_cli.model import build_fcn
+plain = build_fcn('fcn8', backbone_weights=None, width=1/16, head_width=16, accel=False)
+assert plain.predict(np.zeros((1, 64, 64, 3), 'float32'), verbose=0).shape == (1, 64, 64, 12)
 x = np.random.default_rng(0).normal(size=(2, 6, 5, 8)).astype('float32')
 conv = keras.layers.Conv2D(4, 3, padding='same', activation='relu')
 fast = SmallMapConv2D.from_config(conv.get_config()); conv(x); fast(x); fast.set_weights(conv.get_weights())
@@ -277,10 +268,12 @@ for a, b in zip(jax.grad(loss)([v.value for v in conv.trainable_variables], conv
 taken = []
 SmallMapConv2D._gemm_weight_gradient = lambda self, inp: taken.append(decide(self, inp)) or taken[-1]
 keras.mixed_precision.set_global_policy('mixed_bfloat16')
-m = build_fcn('fcn8', backbone_weights=None, width=1/16, head_width=16)
-m.compile(optimizer='adam', loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-h = m.fit(np.zeros((2, 64, 64, 3), 'float32'), np.zeros((2, 64, 64), 'int32'), epochs=1, verbose=0)
-assert np.isfinite(h.history['loss'][0]) and any(taken), taken
+m = build_fcn('fcn8', backbone_weights=None, width=1/16, head_width=16, accel=True)
+def loss(w):
+    y, _ = m.stateless_call(w, [v.value for v in m.non_trainable_variables], np.zeros((2, 64, 64, 3), 'float32'), training=True)
+    return (y.astype('float32') ** 2).mean()
+grads = jax.jit(jax.grad(loss))([v.value for v in m.trainable_variables])
+assert all(np.isfinite(np.asarray(g, 'float32')).all() for g in grads) and any(taken), taken
 print(keras.backend.backend())
 """
     env = {**os.environ, "KERAS_BACKEND": "jax"}
@@ -296,7 +289,7 @@ print(keras.backend.backend())
 def test_matmul_conv_is_conv2d_in_values_and_gradients(kernel, padding, hw):
     import tensorflow as tf
 
-    from fcn_cli.model import MatmulConv2D
+    from fcn_cli.accel.matmul_conv import MatmulConv2D
 
     rng = np.random.default_rng(kernel)
     x = tf.constant(rng.normal(size=(2, *hw, 5)).astype("float32"))
@@ -318,9 +311,9 @@ def test_matmul_conv_is_conv2d_in_values_and_gradients(kernel, padding, hw):
 
 
 def test_matmul_conv_head_saves_and_loads_in_safe_mode(tmp_path):
-    from fcn_cli.model import MatmulConv2D
+    from fcn_cli.accel.matmul_conv import MatmulConv2D
 
-    model = build_fcn("fcn8", backbone_weights=None, width=1 / 16, head_width=16)
+    model = build_fcn("fcn8", backbone_weights=None, width=1 / 16, head_width=16, accel=True)
     assert isinstance(model.get_layer("conv6"), MatmulConv2D) and isinstance(model.get_layer("conv7"), MatmulConv2D)
     x = np.random.default_rng(0).uniform(0, 255, (1, 64, 96, 3)).astype("float32")
     path = tmp_path / "m.keras"
@@ -333,7 +326,7 @@ def test_matmul_conv_head_saves_and_loads_in_safe_mode(tmp_path):
 def test_a_fresh_process_loads_the_head_through_load_checkpoint(tmp_path):
     # `fcn predict` never imports the model builder itself: loading must register MatmulConv2D.
     path = tmp_path / "m.keras"
-    build_fcn("fcn8", backbone_weights=None, width=1 / 16, head_width=16).save(path)
+    build_fcn("fcn8", backbone_weights=None, width=1 / 16, head_width=16, accel=True).save(path)
     code = f"from fcn_cli.runs import load_checkpoint; m, _ = load_checkpoint({str(path)!r}); print(type(m.get_layer('conv6')).__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
@@ -344,7 +337,7 @@ def test_a_fresh_process_loads_the_head_through_load_checkpoint(tmp_path):
 def test_matmul_conv_in_bf16_is_as_accurate_as_conv2d():
     import tensorflow as tf
 
-    from fcn_cli.model import MatmulConv2D
+    from fcn_cli.accel.matmul_conv import MatmulConv2D
 
     rng = np.random.default_rng(3)
     x = tf.constant(rng.normal(size=(2, 7, 7, 64)).astype("float32"))
@@ -371,7 +364,7 @@ def test_matmul_conv_in_bf16_is_as_accurate_as_conv2d():
 
 
 def _conv_and_small_map_twin(dtype, kernel=3, filters=6):
-    from fcn_cli.model import SmallMapConv2D
+    from fcn_cli.accel.small_map_conv import SmallMapConv2D
 
     conv = keras.layers.Conv2D(filters, kernel, padding="same", activation="relu", dtype=dtype)
     fast = SmallMapConv2D.from_config(conv.get_config())
@@ -395,7 +388,7 @@ def _values_and_gradients(layer, x):
 
 @pytest.mark.parametrize(("kernel", "hw"), [(3, (6, 5)), (3, (1, 1)), (5, (4, 7))])
 def test_small_map_conv_weight_gradient_as_matmuls_is_conv2d_in_float32(kernel, hw, monkeypatch):
-    from fcn_cli.model import SmallMapConv2D
+    from fcn_cli.accel.small_map_conv import SmallMapConv2D
 
     taken = []
     decide = SmallMapConv2D._gemm_weight_gradient
@@ -416,7 +409,7 @@ def test_small_map_conv_weight_gradient_as_matmuls_is_conv2d_in_float32(kernel, 
 def test_small_map_conv_takes_the_matmul_gradient_only_for_small_bf16_maps_in_training(monkeypatch):
     import tensorflow as tf
 
-    from fcn_cli.model import SmallMapConv2D
+    from fcn_cli.accel.small_map_conv import SmallMapConv2D
 
     rng = np.random.default_rng(0)
     conv, fast = _conv_and_small_map_twin("mixed_bfloat16", filters=16)
@@ -457,7 +450,7 @@ def test_matmul_conv_windows_with_unknown_height_and_width():
     # Inference relaxes shapes after a retrace (reduce_retracing): the gathered windows must not need them.
     import tensorflow as tf
 
-    from fcn_cli.model import MatmulConv2D
+    from fcn_cli.accel.matmul_conv import MatmulConv2D
 
     rng = np.random.default_rng(5)
     conv = keras.layers.Conv2D(6, 7, padding="same")

@@ -10,16 +10,20 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from fcn_cli import precision
 from fcn_cli.precision import BF16, BF16_AMX, BF16_NO_AMX, FLOAT32
 
 
+# The suite's own cache (conftest.py): tests of the real probe share it, so the probe runs once per session.
+SESSION_CACHE = os.environ["FCN_CACHE_DIR"]
+
+
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
-    """Every test gets an empty verdict cache and forgets the process's earlier choices."""
+    """Every test gets an empty verdict cache (the real-probe tests take SESSION_CACHE back) and forgets
+    the process's earlier choices."""
     monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv(precision.FAULT_ENV, raising=False)
     precision.forget_choices()
@@ -145,18 +149,21 @@ def test_injected_fault_makes_the_real_probe_fall_back(monkeypatch):
     assert precision.verdict().cached
 
 
-def test_auto_precision_learns_what_float32_learns():
-    """On every CPU kind: whatever auto picks trains the easy set as float32 does (the AMX fault did not)."""
-    from fcn_cli import train
+def test_auto_precision_learns_what_float32_learns(monkeypatch):
+    """On every CPU kind: whatever auto picks trains the easy set (the AMX fault did not), here in this
+    process, and its probe trial (in a child, under its own ISA cap) passed every stage against float32."""
+    from fcn_cli import fit
 
-    policy = train.choose_precision("auto")
-    ref, _, labels = precision.train_probe_model("float32")
-    pred, losses, _ = precision.train_probe_model(policy)
-    assert (ref == labels).mean() > 0.95
+    monkeypatch.setenv("FCN_CACHE_DIR", SESSION_CACHE)
+    policy = fit.choose_precision("auto")
+    pred, losses, labels = precision.train_probe_model(policy)
     assert (pred == labels).mean() > 0.95, (policy, losses)
-    assert (pred == ref).mean() > 0.95
-    cosines = precision.gradient_cosines(policy)
-    assert min(cosines.values()) >= precision.PASS_GRADIENT_COSINE, policy
+    choice = precision.current("auto")
+    trials = choice.verdict.trials if choice.verdict is not None else []  # none: no native bf16, nothing probed
+    for trial in (t for t in trials if t["path"] == choice.path.name):
+        assert trial["ok"] and trial["accuracy"] >= precision.PASS_ACCURACY
+        assert trial["agreement"] >= precision.PASS_AGREEMENT
+        assert trial["gradient_cosine"] >= precision.PASS_GRADIENT_COSINE
 
 
 def test_class_layers_compute_in_float32_under_bf16():
@@ -177,16 +184,16 @@ def test_class_layers_compute_in_float32_under_bf16():
 
 
 def test_choose_precision_rejects_unknown_names():
-    from fcn_cli import train
+    from fcn_cli import fit
     from fcn_cli.errors import FcnError
 
     with pytest.raises(FcnError):
-        train.choose_precision("fp8")
-    assert train.choose_precision("float32") == "float32"
+        fit.choose_precision("fp8")
+    assert fit.choose_precision("float32") == "float32"
 
 
 def test_doctor_prints_the_verdict_and_writes_json(tmp_path):
-    env = {**os.environ, "COLUMNS": "200", precision.FAULT_ENV: ""}
+    env = {**os.environ, "COLUMNS": "200", precision.FAULT_ENV: "", "FCN_CACHE_DIR": SESSION_CACHE}
     out = tmp_path / "doctor.json"
     proc = subprocess.run([sys.executable, "-m", "fcn_cli", "doctor", "--json", str(out)], capture_output=True,
                           text=True, env=env, timeout=300)
@@ -201,7 +208,7 @@ def test_doctor_prints_the_verdict_and_writes_json(tmp_path):
 
 
 def test_runaway_rule():
-    from fcn_cli.train import RUNAWAY_FACTOR, runaway_loss
+    from fcn_cli.callbacks import RUNAWAY_FACTOR, runaway_loss
 
     assert runaway_loss(2.0, []) is None  # the first epoch has nothing to compare with
     assert runaway_loss(1.0, [2.0, 1.5]) is None
@@ -215,7 +222,8 @@ def test_runaway_rule():
 def test_inference_serves_bf16_checkpoints_in_float32_where_bf16_failed(monkeypatch):
     import keras
 
-    from fcn_cli.model import build_fcn, serving_config
+    from fcn_cli.accel.serving import serving_config
+    from fcn_cli.model import build_fcn
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
     assert precision.bf16_verified()  # no verdict yet: inference never probes, keeps the trained precision
@@ -230,7 +238,7 @@ def test_inference_serves_bf16_checkpoints_in_float32_where_bf16_failed(monkeypa
     served = keras.Model.from_config(serving_config(config, bf16=False))
     assert {layer.dtype_policy.name for layer in served.layers} == {"float32"}
     served = keras.Model.from_config(serving_config(config))
-    assert "bfloat16" in {layer.dtype_policy.name for layer in served.layers}
+    assert any("bfloat16" in layer.dtype_policy.name for layer in served.layers)
 
 
 def test_a_trial_killed_from_outside_is_not_cached(monkeypatch):

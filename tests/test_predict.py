@@ -14,38 +14,7 @@ from fcn_cli import images
 from fcn_cli.classes import CAMVID
 from fcn_cli.errors import FcnError
 
-META = {"variant": "fcn8", "classes": CAMVID.to_dict(), "image_size": [64, 64], "width": 1 / 16, "head_width": 16}
 PALETTE = set(CAMVID.colors)
-
-
-def _tiny_model(seed: int = 0):
-    import keras
-
-    from fcn_cli.model import build_fcn
-
-    keras.utils.set_random_seed(seed)
-    model = build_fcn("fcn8", 12, backbone_weights=None, width=1 / 16, head_width=16)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:  # score layers start at zero; random ones make predictions vary
-        if layer.name.startswith("score"):
-            kernel, bias = layer.get_weights()
-            layer.set_weights([rng.normal(0, 1.0, kernel.shape).astype("float32"),
-                               rng.normal(0, 0.5, bias.shape).astype("float32")])
-    return model
-
-
-@pytest.fixture(scope="module")
-def model():
-    return _tiny_model()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, model):
-    from fcn_cli.runs import save_checkpoint
-
-    path = tmp_path_factory.mktemp("ckpt") / "fcn8.keras"
-    save_checkpoint(model, path, META)
-    return path
 
 
 def _photo(h: int = 70, w: int = 90, seed: int = 0) -> np.ndarray:
@@ -233,7 +202,7 @@ def test_several_inputs_need_an_output_folder(checkpoint, tmp_path):
 
 
 def test_too_large_photo_is_refused_with_a_clear_message(checkpoint, tmp_path, monkeypatch):
-    small = _save(tmp_path / "in" / "small.png", _photo(20, 30))
+    _save(tmp_path / "in" / "small.png", _photo(20, 30))
     big = _save(tmp_path / "in" / "big.png")  # 70x90 = 6300 pixels
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)
     result = _predict([tmp_path / "in"], tmp_path / "out", checkpoint)

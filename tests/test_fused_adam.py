@@ -1,11 +1,10 @@
 """FusedAdam: Keras's Adam arithmetic through TensorFlow's fused kernel."""
 
+import keras
 import numpy as np
 import pytest
 
-import keras
-
-from fcn_cli.optimizers import FusedAdam
+from fcn_cli.accel.fused_adam import FusedAdam
 
 
 def _trained(optimizer, steps=6, seed=0):

@@ -1,0 +1,285 @@
+"""Training guards: a NaN, non-finite or runaway loss stops the run and keeps the last good epoch; commits
+are spaced by their cost; a time limit and Ctrl-C commit what is pending."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import TINY32, fcn, hidden, one_line_error
+from PIL import Image
+from rich.console import Console
+
+from fcn_cli.classes import CAMVID
+from fcn_cli.errors import FcnError
+
+
+def perturb(model, value: float | None = 1.0) -> None:
+    """Change the weights so the next save has different bytes (value None: NaN, like a diverged model)."""
+    layer = model.get_layer("score_fr")
+    kernel, bias = layer.get_weights()
+    if value is None:
+        layer.set_weights([np.full_like(kernel, np.nan), np.full_like(bias, np.nan)])
+    else:
+        layer.set_weights([kernel + value, bias + value])
+
+
+# =========================================================================== 3. divergence
+
+
+def _recorder(tmp_path, **overrides):
+    """(EpochRecorder, RunFolder, model) on a tiny compiled model; callbacks driven by hand."""
+    from fcn_cli import callbacks, fit, train
+    from fcn_cli.model import build_fcn
+    from fcn_cli.runs import RunFolder
+
+    # Every epoch commits unless a test asks otherwise: these tests are about what one write does.
+    overrides = {"checkpoint_overhead": 1.0, **overrides}
+    cfg = train.TrainConfig(out=str(tmp_path / "models"), variant="fcn8", image_size=(32, 32), width=1 / 16,
+                            head_width=16, backbone_weights="none", epochs=5, batch_size=2, precision="float32",
+                            **overrides)
+    run = RunFolder.create(Path(cfg.out), cfg.variant)
+    net = build_fcn("fcn8", 12, None, cfg.width, cfg.head_width)
+    fit.compile_model(net, fit.make_optimizer(cfg, 2), 12, CAMVID.ignore_index)
+    state = {"epochs_done": 0, "best_miou": None, "best_epoch": None}
+    recorder = callbacks.EpochRecorder(run, cfg, CAMVID, "float32", state, [], Console(file=io.StringIO()))
+    recorder.set_model(net)
+    return recorder, run, net
+
+
+def _epoch(recorder, epoch, batch_losses, logs):
+    recorder.on_epoch_begin(epoch)
+    for i, loss in enumerate(batch_losses):
+        recorder.on_train_batch_end(i, {"loss": loss})
+    recorder.on_epoch_end(epoch, logs)
+
+
+GOOD = {"loss": 2.0, "val_loss": 2.1, "val_pixel_accuracy": 0.3, "val_miou": 0.1}
+
+
+def _snapshot(run, stable):
+    return {name: (run.path / name).read_bytes() for name in ("last.keras", "best.keras", "log.csv", "state.json")}, \
+        os.readlink(stable)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_batch_stops_training_and_keeps_the_last_good_epoch(bad, tmp_path):
+    recorder, run, net = _recorder(tmp_path)
+    stable = tmp_path / "models" / "fcn8.keras"
+    _epoch(recorder, 0, [2.2, 1.9], GOOD)
+    assert run.last.is_file() and stable.is_symlink()
+    before = _snapshot(run, stable)
+
+    perturb(net, None)  # what a diverged model's weights look like
+    recorder.on_epoch_begin(1)
+    recorder.on_train_batch_end(0, {"loss": 1.8})
+    assert not net.stop_training
+    recorder.on_train_batch_end(1, {"loss": bad})
+    assert net.stop_training and recorder.diverged[0] == 2
+    # Keras still calls on_epoch_end; a better-looking val mIoU must not tempt it into saving.
+    recorder.on_epoch_end(1, {"loss": bad, "val_loss": bad, "val_pixel_accuracy": 0.9, "val_miou": 0.9})
+    assert _snapshot(run, stable) == before
+    rows = list(csv.DictReader(open(run.path / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1]
+    assert json.loads((run.path / "state.json").read_text())["epochs_done"] == 1
+    assert hidden(run.path) == []
+
+
+def test_non_finite_validation_loss_is_divergence_too(tmp_path):
+    """BUG (see report): the last batch's update can blow the weights up while every batch loss
+    (computed before that update) was finite; only the validation loss shows it. Such an epoch
+    must not replace last.keras / best.keras nor move the stable link."""
+    recorder, run, net = _recorder(tmp_path)
+    stable = tmp_path / "models" / "fcn8.keras"
+    _epoch(recorder, 0, [2.2, 1.9], GOOD)
+    before = _snapshot(run, stable)
+    perturb(net, 1e30)
+    _epoch(recorder, 1, [1.8, 1.7], {"loss": 1.75, "val_loss": float("nan"), "val_pixel_accuracy": 0.27,
+                                     "val_miou": 0.5})
+    assert recorder.diverged and net.stop_training
+    assert _snapshot(run, stable) == before
+
+
+def test_disk_full_at_epoch_end_is_one_error_and_keeps_the_last_epoch(tmp_path, monkeypatch):
+    recorder, run, net = _recorder(tmp_path)
+    stable = tmp_path / "models" / "fcn8.keras"
+    _epoch(recorder, 0, [2.2, 1.9], GOOD)
+    before = _snapshot(run, stable)
+    perturb(net)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(FcnError, match="previous checkpoint is intact"):
+        _epoch(recorder, 1, [1.8], {**GOOD, "val_miou": 0.5})
+    monkeypatch.undo()
+    assert _snapshot(run, stable) == before
+    assert hidden(run.path) == []
+
+
+def test_time_limit_stops_after_a_saved_epoch(tmp_path):
+    recorder, run, net = _recorder(tmp_path, time_limit=1e-6)
+    _epoch(recorder, 0, [2.0], GOOD)
+    assert net.stop_training and not recorder.diverged
+    assert run.last.is_file() and json.loads((run.path / "state.json").read_text())["epochs_done"] == 1
+
+
+def _optimizer_arrays(checkpoint: Path) -> int:
+    import h5py
+
+    with zipfile.ZipFile(checkpoint) as zf, h5py.File(io.BytesIO(zf.read("model.weights.h5")), "r") as h5:
+        names = []
+        h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return sum(name.startswith("optimizer") for name in names)
+
+
+def test_commits_are_spaced_by_their_cost_and_best_weights_wait_in_memory(tmp_path):
+    from fcn_cli.runs import load_checkpoint, read_checkpoint_meta
+
+    recorder, run, net = _recorder(tmp_path, checkpoint_overhead=0.05)
+    probe = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    net.train_on_batch(np.repeat(probe, 2, 0), np.zeros((2, 32, 32), np.int32))  # Adam's moments exist now
+    scores = [0.1, 0.5, 0.3, 0.2, 0.25]  # best at epoch 2, five epochs planned
+    _epoch(recorder, 0, [2.0], {**GOOD, "val_miou": scores[0]})
+    assert read_checkpoint_meta(run.last)["epoch"] == 1  # the first epoch commits: it measures the cost
+    recorder._commit_s = 1e6  # from now on a commit "costs" more than the run: only forced ones happen
+    expected_best = None
+    for epoch in (1, 2, 3):
+        perturb(net)
+        _epoch(recorder, epoch, [2.0], {**GOOD, "val_miou": scores[epoch]})
+        if epoch == 1:
+            expected_best = net.predict(probe, verbose=0)
+        # Nothing written: the files still describe epoch 1, consistently.
+        assert read_checkpoint_meta(run.last)["epoch"] == 1
+        assert [int(r["epoch"]) for r in csv.DictReader(open(run.path / "log.csv"))] == [1]
+        assert json.loads((run.path / "state.json").read_text())["epochs_done"] == 1
+        assert read_checkpoint_meta(run.best)["epoch"] == 1
+    perturb(net)
+    _epoch(recorder, 4, [2.0], {**GOOD, "val_miou": scores[4]})  # the last planned epoch always commits
+    assert read_checkpoint_meta(run.last)["epoch"] == 5
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run.path / "log.csv"))] == [1, 2, 3, 4, 5]
+    state = json.loads((run.path / "state.json").read_text())
+    assert state["epochs_done"] == 5 and state["best_epoch"] == 2
+    best, meta = load_checkpoint(run.best)
+    assert meta["epoch"] == 2
+    np.testing.assert_allclose(best.predict(probe, verbose=0), expected_best, rtol=1e-6, atol=1e-6)
+    # best.keras is for inference: no optimizer state (Adam's two moments make last.keras about 3x larger).
+    assert getattr(best, "optimizer", None) is None
+    assert _optimizer_arrays(run.best) == 0 and _optimizer_arrays(run.last) > 0
+    assert hidden(run.path) == []
+
+
+@pytest.mark.slow
+def test_a_runaway_loss_without_nan_stops_the_run(small_set, tmp_path):
+    """Adam at lr 0.3, constant, float32, seed 0: epoch 1 loss 2.9, epoch 2 about 1.5e4 and finite.
+
+    NaN checks alone would train on; the runaway rule stops at epoch 2 and keeps epoch 1's best.keras.
+    """
+    from fcn_cli.runs import read_checkpoint_meta
+
+    out = tmp_path / "models"
+    proc = fcn("train", "--data", small_set, "--out", out, *TINY32, "--batch-size", "2", "--epochs", "6",
+               "--optimizer", "adam", "--lr", "0.3", "--schedule", "constant", "--checkpoint-overhead", "1")
+    line = one_line_error(proc, "diverged at epoch 2", "x the lowest epoch loss", "--lr", "best.keras", code=3)
+    loss = float(line.split("(loss ")[1].split(",")[0])
+    assert np.isfinite(loss) and loss > 100  # it exploded without reaching NaN
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    assert read_checkpoint_meta(run / "best.keras")["epoch"] == 1
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1]  # the runaway epoch is never logged as a good one
+
+
+def test_time_limit_and_early_stop_commit_what_is_pending(tmp_path):
+    from fcn_cli.runs import read_checkpoint_meta
+
+    recorder, run, net = _recorder(tmp_path, checkpoint_overhead=0.05)
+    _epoch(recorder, 0, [2.0], GOOD)
+    recorder._commit_s = 1e6
+    _epoch(recorder, 1, [2.0], {**GOOD, "val_miou": 0.4})
+    assert read_checkpoint_meta(run.last)["epoch"] == 1
+    recorder.on_train_end()  # fit ended early (e.g. stop_training): pending epochs are written
+    assert read_checkpoint_meta(run.last)["epoch"] == 2 and read_checkpoint_meta(run.best)["epoch"] == 2
+    recorder.cfg.time_limit = 1e-6
+    _epoch(recorder, 2, [2.0], GOOD)
+    assert net.stop_training and read_checkpoint_meta(run.last)["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_absurd_learning_rate_exits_3_saying_diverged(small_set, tmp_path):
+    """SGD at lr 1e12, float32, constant schedule, seed 0: deterministic divergence in 3 steps.
+
+    The score layers start at zero, so step 1 changes only them (no gradient reaches the encoder);
+    step 2 then sends ~1e12-scale gradients into every convolution; the next forward pass
+    overflows float32 (activations > 3.4e38), so logits are inf and the loss NaN. Measured: epoch 1
+    batch loss 3.7e11, epoch 1 val loss NaN, epoch 2 first batch loss NaN.
+    """
+    from fcn_cli.runs import load_checkpoint
+
+    out = tmp_path / "models"
+    proc = fcn("train", "--data", small_set, "--out", out, *TINY32, "--batch-size", "2", "--epochs", "3",
+               "--optimizer", "sgd", "--lr", "1e12", "--schedule", "constant")
+    one_line_error(proc, "diverged", "--lr", code=3)
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    rows = list(csv.DictReader(open(run / "log.csv"))) if (run / "log.csv").exists() else []
+    for row in rows:  # every epoch the log keeps was a finite one
+        assert np.isfinite(float(row["loss"])) and np.isfinite(float(row["val_loss"])), row
+    # "the last good checkpoint" the message names really is good: finite logits.
+    photo = np.asarray(Image.open(next((small_set / "val").iterdir())).convert("RGB"), np.float32)[None]
+    for name in ("last.keras", "best.keras"):
+        if (run / name).exists():
+            net, _ = load_checkpoint(run / name, num_classes=12)
+            assert np.isfinite(np.asarray(net(photo, training=False))).all(), f"{name} is a diverged model"
+
+
+def test_ctrl_c_during_fit_stops_at_the_next_batch_and_a_second_one_at_once():
+    import os
+    import signal
+
+    from fcn_cli.callbacks import StopOnCtrlC
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnCtrlC() as stop:
+        assert signal.getsignal(signal.SIGINT) is not before
+        os.kill(os.getpid(), signal.SIGINT)  # wherever it lands (a weakref callback, say), nothing raises there
+        time.sleep(0.05)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            stop.on_train_batch_end(0)
+        stop.on_train_batch_end(1)  # one request, one stop
+        with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C: Python's own, at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+    # The handler comes back whatever leaves the block; a request after the last batch still stops.
+    with pytest.raises(RuntimeError):
+        with StopOnCtrlC():
+            raise RuntimeError("fit failed")
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):
+        with StopOnCtrlC():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_fit():
+    import os
+    import signal
+
+    from fcn_cli.callbacks import StopOnCtrlC
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopOnCtrlC() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            stop.on_train_batch_end(0)
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
