@@ -25,6 +25,7 @@ test: install
 
 bench: install
 	$(PY) bench/speed.py
+	$(PY) bench/export_speed.py
 
 bench-camvid: install
 	$(PY) bench/camvid.py

@@ -680,7 +680,7 @@ def part_load(args, sizes) -> dict:
         call = lambda: inference.labels_for(model, image, mode=PREDICT_MODE, image_size=image_size)  # noqa: E731
         path = f"fcn_cli.inference.labels_for(mode={PREDICT_MODE!r})"
     else:
-        from fcn_cli.model import pad_to_multiple
+        from fcn_cli.inference import pad_to_multiple
 
         forward = _compiled_forward(tf, model)
         call = lambda: forward(pad_to_multiple(image[None].astype(np.float32))[0])  # noqa: E731

@@ -7,6 +7,7 @@ training run that went wrong (TrainingFailed: divergence, runaway loss, a failed
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from enum import Enum
@@ -40,11 +41,14 @@ ClassWeights = _choices("ClassWeights", "none", "median", "median-sqrt")
 Precision = _choices("Precision", "auto", "float32", "mixed_bfloat16", "mixed_float16")
 Strategy = _choices("Strategy", "auto", "one", "mirrored", "multi-worker")
 Mode = _choices("Mode", "resize", "native")
+ExportFormat = _choices("ExportFormat", "savedmodel", "tflite", "onnx")
+Quantize = _choices("Quantize", "none", "fp16", "int8")
 
 
 DATA_HELP = "Data set folder (SegNet, Keras-tutorial or images/+masks/ layout)."
 CLASSES_HELP = "Class file (JSON or TOML: names, colours, ignored class). Default: CamVid's 12 classes."
-MODEL_HELP = "Checkpoint (.keras). Default: models/<variant>.keras, the best of the latest run."
+MODEL_HELP = ("Checkpoint (.keras), or a model fcn export wrote (.onnx, .tflite, SavedModel folder). "
+              "Default: models/<variant>.keras, the best of the latest run.")
 SIZE_HELP = "Resize mode: HEIGHTxWIDTH photos are resized to. Default: the checkpoint's inference size (see `fcn train --eval-size`)."
 MODE_HELP = ("How images meet the model: 'resize' to the checkpoint's inference size and upsample the logits back, "
              "or 'native': pad to a multiple of 32 and crop back (tiles for huge images).")
@@ -78,12 +82,16 @@ def _inference_checkpoint(model: Path | None, models_dir: Path, image_size: str 
     size = parse_size(image_size) if image_size else None
     if size and mode.value != "resize":
         raise FcnError(f"--image-size {image_size}: only resize mode resizes photos; drop it or use --mode resize")
+    from fcn_cli.exported import format_of
     from fcn_cli.runs import read_checkpoint_meta, resolve_model_path
 
     path = resolve_model_path(model, models_dir)
-    read_checkpoint_meta(path, verify=False)  # a missing, foreign or cut-off file: one line, no TensorFlow start
+    exported = format_of(path)
+    if exported is None:
+        read_checkpoint_meta(path, verify=False)  # a missing, foreign or cut-off file: one line, no TensorFlow start
     _settle_precision("inference")
-    _quiet_tensorflow()
+    if exported != "onnx":  # ONNX Runtime runs without TensorFlow
+        _quiet_tensorflow()
     return path, size
 
 
@@ -102,6 +110,12 @@ def _console():
     from rich.console import Console
 
     return Console()
+
+
+def _console_err():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _resumed_precision(run: Path) -> str:
@@ -289,6 +303,60 @@ def predict(
 
 
 # --- data -------------------------------------------------------------------------------------
+
+
+@app.command("export")
+def export_command(
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="savedmodel (TF Serving), tflite (LiteRT, phones) or onnx (ONNX Runtime).")],
+    model: ModelOption = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write. Default: beside the checkpoint (fcn8.onnx, fcn8.tflite, fcn8_savedmodel/).")] = None,
+    image_size: Annotated[Optional[str], typer.Option(help="HEIGHTxWIDTH the exported model takes (multiples of 32). Default: the checkpoint's inference size.")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Any height and width (multiples of 32) instead of one size: savedmodel and onnx.")] = False,
+    quantize: Annotated[Quantize, typer.Option(help="TFLite only: none, fp16 (float16 weights) or int8 (weights and activations, calibrated on --data).")] = Quantize.none,
+    labels: Annotated[bool, typer.Option("--labels", help="Output class indices (argmax inside the graph) instead of logits.")] = False,
+    uint8: Annotated[bool, typer.Option("--uint8", help="Take uint8 RGB instead of float32 (0..255 either way).")] = False,
+    data: Annotated[Optional[Path], typer.Option(help="The data set: photos for the parity check, and for int8 calibration.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export at -o.")] = False,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the report (sizes, parity) to this JSON file, or - for stdout.")] = None,
+    models_dir: ModelsDirOption = Path("models"),
+):
+    """Export a checkpoint for another runtime, then check the file's predictions against Keras's."""
+    from fcn_cli.export import check_request, default_output
+    from fcn_cli.runs import read_checkpoint_meta, resolve_model_path
+
+    fmt, quantize = fmt.value, quantize.value
+    size = parse_size(image_size) if image_size else None
+    if size and dynamic:
+        raise FcnError("--image-size and --dynamic: give one (a fixed size, or any size)")
+    path = resolve_model_path(model, models_dir)
+    read_checkpoint_meta(path, verify=False)
+    out = output or default_output(path, fmt)
+    check_request(fmt, out, quantize, dynamic, data, overwrite)
+    _settle_precision("inference")
+    _quiet_tensorflow()
+    from fcn_cli.export import export
+
+    console = _console()
+    report = export(path, fmt, out, image_size=size, dynamic=dynamic, quantize=quantize, labels=labels,
+                    uint8=uint8, data=data, overwrite=overwrite, console=console)
+    parity = report["parity"]
+    diff = "" if parity["max_abs_logit_diff"] is None else f", max |logit difference| {parity['max_abs_logit_diff']:.3g}"
+    line = (f"parity over {parity['images']} images: {parity['agreement']:.4%} of pixels agree with Keras{diff} "
+            f"(needed {parity['threshold']:.1%})")
+    if json_out:
+        text = json.dumps(report, indent=2, sort_keys=True)
+        if json_out == "-":
+            print(text)
+        else:
+            from fcn_cli.images import atomic_write_bytes
+
+            atomic_write_bytes(Path(json_out), (text + "\n").encode())
+    target = console if json_out != "-" else _console_err()
+    if not parity["passed"]:
+        target.print(f"[red]parity failed[/]: {line}; nothing written to {out}", highlight=False)
+        raise typer.Exit(1)
+    target.print(f"wrote {out} ({report['bytes'] / 2**20:.1f} MiB, {fmt}"
+                 f"{', ' + quantize if quantize != 'none' else ''}); {line}", highlight=False)
 
 
 @data_app.command("synthetic")

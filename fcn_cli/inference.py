@@ -2,12 +2,13 @@
 
 Shared by ``evaluate`` and ``predict``. Two ways for a photo to meet the model (``mode``):
 
-* ``"resize"``: the photo is resized to the model's training size (``tf.image.resize``, bilinear,
-  no antialiasing: exactly what the training pipeline did to validation images), run, and the
+* ``"resize"``: the photo is resized to the model's training size (bilinear, no antialiasing, half-pixel
+  centres: ``tf.image.resize``'s rule, what the training pipeline did to validation images, computed
+  here in numpy so that exported ONNX models predict without TensorFlow), run, and the
   logits are resized back to the photo's size (bilinear, half-pixel centres: the rule of
   ``tf.image.resize``). Photos of every size share one batch.
 * ``"native"``: the photo is padded at the bottom/right to a multiple of 32 (mirror padding,
-  ``model.pad_to_multiple``), run at its own scale, and the logits cropped back. Photos of equal
+  ``pad_to_multiple``), run at its own scale, and the logits cropped back. Photos of equal
   size share a batch. A photo over ``TILE_BUDGET`` pixels runs in overlapping tiles
   (``TILE`` x ``TILE``, ``OVERLAP`` px shared, logits averaged where tiles overlap), one band of
   tile rows at a time, so an 8000x6000 photo never needs the whole network's activations, nor
@@ -42,6 +43,27 @@ WINDOW_BATCHES = 4  # photos are grouped by size within windows of batch_size * 
 BAND_FLOATS = 8_000_000  # floats per band when upsampling / argmax-ing big logit maps (32 MB)
 
 
+# --------------------------------------------------------------------------- any image size
+
+
+def pad_to_multiple(images: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad a (B, H, W, C) batch at the bottom/right to the next multiple; returns it and the original (H, W).
+
+    Symmetric padding (mirror with the edge row repeated) keeps image statistics at the border.
+    """
+    h, w = images.shape[1:3]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        images = np.pad(images, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="symmetric")
+    return images, (h, w)
+
+
+def crop_to(outputs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Crop (B, H', W', ...) model outputs back to the original (H, W) of :func:`pad_to_multiple`."""
+    h, w = size
+    return outputs[:, :h, :w]
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -52,9 +74,13 @@ def load_for_inference(model_path: str | Path, classes_file: str | Path | None =
     table embedded in the checkpoint, else CamVid's. ``image_size`` is the (H, W) "resize" mode
     uses, from the metadata (:func:`meta_image_size`), or None when the checkpoint records none.
     """
-    from fcn_cli.runs import load_checkpoint
+    from fcn_cli.exported import format_of
 
     path = Path(model_path)
+    if format_of(path) is not None:
+        return _load_exported(path, classes_file)
+    from fcn_cli.runs import load_checkpoint
+
     if classes_file is not None:
         classes = load_classes(classes_file)
         model, meta = load_checkpoint(path, num_classes=classes.num_classes, for_inference=True)
@@ -77,6 +103,23 @@ def load_for_inference(model_path: str | Path, classes_file: str | Path | None =
     # shape, and photos of many sizes, edge tiles and last partial batches are many shapes.
     model.jit_compile = False
     return model, classes, meta_image_size(meta), meta
+
+
+def _load_exported(path: Path, classes_file):
+    """load_for_inference for a file of ``fcn export``: the class table and size from its metadata."""
+    from fcn_cli.exported import open_exported
+
+    model = open_exported(path)
+    if model.outputs_labels:
+        raise FcnError(f"{path}: exported with --labels (class indices, no logits to resize or average); "
+                       "export without --labels for fcn predict and evaluate")
+    classes = load_classes(classes_file) if classes_file is not None else \
+        ClassTable.from_dict(model.meta["classes"], source=f"{path} (exported class table)")
+    if classes.num_classes != model.num_classes:
+        raise FcnError(f"{path}: model predicts {model.num_classes} classes but the class table has "
+                       f"{classes.num_classes}; give the matching --classes file")
+    size = model.fixed_size or meta_image_size({"inference_size": model.meta.get("inference_size")})
+    return model, classes, size, model.meta
 
 
 def meta_image_size(meta: dict) -> tuple[int, int] | None:
@@ -173,6 +216,10 @@ def iter_predictions(
     if output not in ("labels", "logits"):
         raise ValueError(f"output must be 'labels' or 'logits', got {output!r}")
     mode, size = effective_mode(mode, image_size)
+    fixed = getattr(model, "fixed_size", None)  # an export with a fixed height and width (fcn_cli.exported)
+    if fixed and (mode != "resize" or tuple(size) != fixed):
+        raise FcnError(f"{model.path}: exported for {fixed[0]}x{fixed[1]} images only; run it in resize mode at "
+                       "that size (no --image-size, no --mode native), or export with --dynamic")
     runner = _Runner(
         model, mode, size, max(1, int(batch_size)), output,
         tile=tile, overlap=overlap, budget=TILE_BUDGET if tile_budget is None else max(1, int(tile_budget)),
@@ -284,6 +331,8 @@ def labels_model(model):
     """The same network (shared weights) with the argmax over classes as its output, one per model
     (its compiled forward is traced once); None for a model that is not a graph of layers (a
     subclassed model), which then argmaxes in numpy."""
+    if not hasattr(model, "inputs"):  # not a graph of Keras layers (an exported model, a subclassed one)
+        return None
     if model not in _LABEL_MODELS:
         import keras
 
@@ -342,8 +391,6 @@ class _Runner:
     def forward(self, batch: np.ndarray, labels: bool = False) -> np.ndarray:
         """(B, H, W, 3) -> (B, H, W, C) float32 logits, or with ``labels`` (B, H, W) class indices,
         for any H, W (padded to 32 and cropped back)."""
-        from fcn_cli.model import crop_to, pad_to_multiple
-
         def run(images, model):
             padded, hw = pad_to_multiple(images, MULTIPLE)
             # predict_on_batch runs a compiled forward (tf.function / jax.jit, shapes relaxed after a
@@ -391,8 +438,6 @@ class _Runner:
             yield key, results.pop(i)
 
     def _resized(self, members: list[int], window, results: dict) -> None:
-        import tensorflow as tf
-
         h, w = self.size
         step = self._per_pass(h * w)
         for start in range(0, len(members), step):
@@ -401,7 +446,7 @@ class _Runner:
             at_size = [window[i][1].shape[:2] == (h, w) for i in chunk]
             batch = np.stack([
                 window[i][1].astype(np.float32) if same
-                else tf.image.resize(window[i][1], (h, w), method="bilinear", antialias=False).numpy()
+                else resize_logits(window[i][1], (h, w))  # tf.image.resize's bilinear, in numpy (no TensorFlow)
                 for i, same in zip(chunk, at_size)
             ])
             # Class indices straight from the network when no photo needs its logits resized back.
@@ -421,8 +466,6 @@ class _Runner:
 
     # one big photo in tiles ---------------------------------------------------------------
     def _tiled(self, image: np.ndarray) -> np.ndarray:
-        from fcn_cli.model import pad_to_multiple
-
         h, w = image.shape[:2]
         padded = pad_to_multiple(image[None], MULTIPLE)[0][0]
         hp, wp = padded.shape[:2]

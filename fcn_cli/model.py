@@ -269,24 +269,3 @@ def transfer_weights(source: keras.Model, target: keras.Model) -> list[str]:
         layer.set_weights(src)
         copied.append(layer.name)
     return copied
-
-
-# --- any image size -------------------------------------------------------------------------
-
-
-def pad_to_multiple(images: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, tuple[int, int]]:
-    """Pad a (B, H, W, C) batch at the bottom/right to the next multiple; returns it and the original (H, W).
-
-    Symmetric padding (mirror with the edge row repeated) keeps image statistics at the border.
-    """
-    h, w = images.shape[1:3]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        images = np.pad(images, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="symmetric")
-    return images, (h, w)
-
-
-def crop_to(outputs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Crop (B, H', W', ...) model outputs back to the original (H, W) of :func:`pad_to_multiple`."""
-    h, w = size
-    return outputs[:, :h, :w]

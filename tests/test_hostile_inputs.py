@@ -173,7 +173,7 @@ def test_a_header_claiming_200_megapixels_is_refused_cheaply(tmp_path):
     dtype=st.sampled_from([np.uint8, np.float32]),
 )
 def test_pad_to_multiple_and_crop_to_round_trip(batch, height, width, channels, dtype):
-    from fcn_cli.model import crop_to, pad_to_multiple
+    from fcn_cli.inference import crop_to, pad_to_multiple
 
     x = (np.arange(batch * height * width * channels) % 251).reshape(batch, height, width, channels).astype(dtype)
     padded, hw = pad_to_multiple(x, 32)

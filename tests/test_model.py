@@ -12,12 +12,11 @@ import pytest
 
 from fcn_cli.errors import FcnError
 from fcn_cli.flops import count_flops
+from fcn_cli.inference import crop_to, pad_to_multiple
 from fcn_cli.model import (
     VARIANTS,
     bilinear_kernel,
     build_fcn,
-    crop_to,
-    pad_to_multiple,
     transfer_weights,
 )
 
