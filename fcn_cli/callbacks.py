@@ -1,5 +1,5 @@
 """What runs beside ``model.fit`` in a training run: the recorder that commits the run folder, the
-guard against runaway or diverged runs, Ctrl-C as a request, and the progress bar."""
+guard against runaway or diverged runs, Ctrl-C and SIGTERM as requests, and the progress bar."""
 
 from __future__ import annotations
 
@@ -194,41 +194,52 @@ def runaway_loss(loss, earlier: list) -> str | None:
     return None
 
 
-class StopOnCtrlC(_keras_callback_base()):
-    """Ctrl-C during fit as a request: the running batch ends, then KeyboardInterrupt leaves fit from here.
+class Preempted(KeyboardInterrupt):
+    """SIGTERM during fit (Kubernetes, Slurm, a spot or preemptible VM about to go): the run stops and
+    commits as after Ctrl-C, and fcn exits 143."""
+
+
+class StopOnSignal(_keras_callback_base()):
+    """Ctrl-C (SIGINT) or SIGTERM during fit as a request: the running batch ends, then KeyboardInterrupt
+    (Preempted for SIGTERM) leaves fit from here, and the caller commits a consistent snapshot.
 
     Python raises KeyboardInterrupt wherever the main thread happens to be, and inside a weakref
     or ``__del__`` callback (TensorFlow runs many) it is printed and dropped: the run went on as if
-    nothing was pressed (seen in tests/test_cli.py). A second Ctrl-C interrupts at once.
+    nothing was pressed (seen in tests/test_cli.py). A second signal of the same kind acts at once
+    (a second Ctrl-C interrupts, a second SIGTERM kills).
     """
+
+    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
     def __init__(self):
         super().__init__()
-        self.requested = False
-        self._previous = None
+        self.requested = None  # the signal number asked for
+        self._previous = {}
 
     def __enter__(self):
-        # Only in place of Python's own handler: an ignored SIGINT (nohup, a background job) stays ignored.
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._request)
+        # Only in place of Python's own handlers: an ignored signal (nohup, a background job) stays ignored.
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in self.DEFAULTS.items():
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = signal.signal(signum, self._request)
         return self
 
     def __exit__(self, exc_type, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
         if exc_type is None:  # a request after the last batch (during the final commit, say) still stops
             self._stop_if_requested()
         return False
 
     def _request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.requested = signum
+        signal.signal(signum, self.DEFAULTS[signum])
 
     def _stop_if_requested(self, *args, **kwargs):
-        if self.requested:
-            self.requested = False
-            raise KeyboardInterrupt
+        if self.requested is not None:
+            signum, self.requested = self.requested, None
+            raise Preempted if signum == signal.SIGTERM else KeyboardInterrupt
 
     # At batch ends, where a step has finished; not at on_epoch_end, where a commit may just have run
     # (the stop commits again). A request after the last batch is raised on leaving the block.

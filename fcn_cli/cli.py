@@ -231,7 +231,7 @@ def train(
     result = run_training(cfg, console, resume=str(resume) if resume else None)
     _print_train_summary(console, result)
     if result.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(143 if result.interrupted == "SIGTERM" else 130)  # 128 + the signal's number
 
 
 def _print_train_summary(console, result) -> None:

@@ -127,7 +127,7 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
             resumed: Resumed | None = None) -> TrainResult:
     """Build the model (or load ``resumed``'s last.keras) in ``strategy``'s scope, fit it with the run's
     callbacks, and say how it went."""
-    from fcn_cli.callbacks import EpochRecorder, RichProgress, StopOnCtrlC
+    from fcn_cli.callbacks import EpochRecorder, Preempted, RichProgress, StopOnSignal
     from fcn_cli.model import build_fcn, transfer_weights
     from fcn_cli.runs import load_checkpoint
 
@@ -156,14 +156,14 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
                              every_epoch=_is_multi_worker(strategy))
     progress = RichProgress(console, data.steps_per_epoch, cfg.batch_size, cfg.epochs)
     started = time.perf_counter()
-    interrupted = False
+    interrupted = None
     if _is_multi_worker(strategy):
         from fcn_cli.accel.multi_worker import patch_fit
 
         patch_fit(model)
     if state["epochs_done"] < cfg.epochs:
         try:
-            with strategy.scope(), StopOnCtrlC() as stop:
+            with strategy.scope(), StopOnSignal() as stop:
                 model.fit(
                     data.train, validation_data=data.val, epochs=cfg.epochs, initial_epoch=state["epochs_done"],
                     steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder, stop], verbose=0, shuffle=False,
@@ -186,14 +186,15 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
                 f"{cfg.data}: reading the data failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}); "
                 f"run `fcn data check {cfg.data}`"
             )) from None
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as exc:
+            interrupted = "SIGTERM" if isinstance(exc, Preempted) else "SIGINT"
             progress.stop()
             if recorder.diverged:
                 recorder.commit_best_only()  # the live model is the diverged one: never save it
             else:
                 recorder.commit_mid_epoch(model)
-                console.print(f"[yellow]interrupted[/]: saved {run.last}; continue with `fcn train --resume {run.path}`")
+                console.print(f"[yellow]interrupted[/] ({interrupted}): saved {run.last}; "
+                              f"continue with `fcn train --resume {run.path}`")
     progress.stop()
     if recorder.diverged:
         epoch, loss, *why = recorder.diverged

@@ -107,7 +107,7 @@ class TrainResult:
     best_epoch: int | None
     stable_path: Path | None
     rows: list
-    interrupted: bool = False
+    interrupted: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run
     seconds: float = 0.0
     images_per_s: float | None = None
     commits: list = field(default_factory=list)  # {"epoch": last finished epoch, "seconds": wall time of the commit}

@@ -164,6 +164,27 @@ def test_ctrl_c_saves_a_consistent_run_and_resume_continues_and_extends(data_dir
     assert json.loads((run / "state.json").read_text())["epochs_done"] == 4
 
 
+def test_sigterm_commits_a_consistent_run_and_exits_143(data_dir, tmp_path):
+    """What Kubernetes, Slurm and preemptible VMs send before they kill: the run commits, as after Ctrl-C."""
+    from fcn_cli.runs import load_checkpoint
+
+    out = tmp_path / "models"
+    args = [sys.executable, "-m", "fcn_cli", "train", "--data", str(data_dir), "--epochs", "3", "--out", str(out),
+            *TINY[:-6], "--image-size", "128x128", "--batch-size", "2", "--precision", "float32", "--checkpoint-overhead", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out.exists() and list(out.glob("*/log.csv"))):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "interrupted (SIGTERM)" in stdout and "--resume" in stdout and "Traceback" not in stderr
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    _, meta = load_checkpoint(run / "last.keras", num_classes=12)
+    state = json.loads((run / "state.json").read_text())
+    assert meta["epoch"] == state["epochs_done"] == len(list(csv.DictReader(open(run / "log.csv")))) < 3
+
+
 def test_wrong_checkpoint_path_is_one_clear_line(data_dir, tmp_path):
     proc = fcn("evaluate", "--data", data_dir, "--model", tmp_path / "nope.keras")
     one_line_error(proc, "nope.keras", "not found")

@@ -240,10 +240,10 @@ def test_ctrl_c_during_fit_stops_at_the_next_batch_and_a_second_one_at_once():
     import os
     import signal
 
-    from fcn_cli.callbacks import StopOnCtrlC
+    from fcn_cli.callbacks import StopOnSignal
 
     before = signal.getsignal(signal.SIGINT)
-    with StopOnCtrlC() as stop:
+    with StopOnSignal() as stop:
         assert signal.getsignal(signal.SIGINT) is not before
         os.kill(os.getpid(), signal.SIGINT)  # wherever it lands (a weakref callback, say), nothing raises there
         time.sleep(0.05)
@@ -257,11 +257,11 @@ def test_ctrl_c_during_fit_stops_at_the_next_batch_and_a_second_one_at_once():
     assert signal.getsignal(signal.SIGINT) is before
     # The handler comes back whatever leaves the block; a request after the last batch still stops.
     with pytest.raises(RuntimeError):
-        with StopOnCtrlC():
+        with StopOnSignal():
             raise RuntimeError("fit failed")
     assert signal.getsignal(signal.SIGINT) is before
     with pytest.raises(KeyboardInterrupt):
-        with StopOnCtrlC():
+        with StopOnSignal():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGINT) is before
@@ -271,11 +271,11 @@ def test_an_ignored_ctrl_c_stays_ignored_during_fit():
     import os
     import signal
 
-    from fcn_cli.callbacks import StopOnCtrlC
+    from fcn_cli.callbacks import StopOnSignal
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with StopOnCtrlC() as stop:
+        with StopOnSignal() as stop:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
             stop.on_train_batch_end(0)
@@ -283,3 +283,24 @@ def test_an_ignored_ctrl_c_stays_ignored_during_fit():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_during_fit_stops_at_the_next_batch_as_preempted():
+    import os
+    import signal
+
+    from fcn_cli.callbacks import Preempted, StopOnSignal
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever the test runner set: the default, as in fcn
+    try:
+        with StopOnSignal() as stop:
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            os.kill(os.getpid(), signal.SIGTERM)  # would end the process without the handler
+            time.sleep(0.05)
+            assert stop.requested == signal.SIGTERM
+            with pytest.raises(Preempted):
+                stop.on_train_batch_end(0)
+            stop.on_train_batch_end(1)  # one request, one stop
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
