@@ -8,13 +8,14 @@ Speed: the full FCN-8s (random weights: speed does not depend on them) exported 
 and TFLite (float32, fp16 weights, int8), each timed on fixed batches of 8 224x224 images in its own
 runtime (``fcn_cli.exported``, what ``fcn predict --model FILE`` runs), beside the Keras paths: fcn's
 (``load_for_inference``: the precision the probe verified, fcn's CPU kernels) and plain Keras float32.
-Each row has images/s (median of the timed batches after warm-up), the export's size and its parity;
-then one 480x360 photo through ``fcn predict`` end to end (a fresh process, as a user runs it).
+Each row has images/s (median of the timed batches after warm-up), the export's size and its parity.
 
-Parity of a random network says little (its logits are near ties everywhere), so the parity figures
-come from exporting ``--checkpoint`` (default: the newest CamVid checkpoint under bench/results/, when
-there is one) with ``--data`` (default ../shared/camvid): the share of pixels whose class agrees with
-Keras on generated scenes and 16 CamVid validation photos.
+Parity of a random network says little (its logits are near ties everywhere: recorded, not judged), so
+the same rows are measured again on ``--checkpoint`` (default: the newest CamVid checkpoint under
+bench/results/, when there is one) with ``--data`` (default ../shared/camvid): the share of pixels whose
+class agrees with Keras on generated scenes and 16 CamVid validation photos, each runtime's speed at the
+checkpoint's inference size, and ``fcn predict`` end to end through Keras and through ONNX Runtime. The
+full-width model has no ONNX row: tf2onnx ran out of this machine's 24 GB converting it.
 
 Output: bench/results/export-<timestamp>.json (export-quick-... for --quick). Every process's peak
 resident memory is its own: each runtime is measured in a child process.
@@ -100,7 +101,7 @@ def part_export(checkpoint: str, fmt: str, out: str, quantize: str, data: str | 
     _emit({"bytes": report["bytes"], "export_s": report["seconds"], "parity": report["parity"]})
 
 
-def part_time(model_path: str, how: str, size: int, batch: int, warmup: int, repeats: int) -> None:
+def part_time(model_path: str, how: str, size, batch: int, warmup: int, repeats: int) -> None:
     """images/s of batches of ``batch`` size x size images through one runtime."""
     if how == "keras-float32":
         import keras
@@ -117,7 +118,8 @@ def part_time(model_path: str, how: str, size: int, batch: int, warmup: int, rep
         model = load_for_inference(Path(model_path))[0]
         forward = model.predict_on_batch
         label = "fcn_cli.inference.load_for_inference(...).predict_on_batch"
-    images = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+    h, w = (int(v) for v in str(size).split("x")) if "x" in str(size) else (int(size), int(size))
+    images = np.random.default_rng(0).uniform(0, 255, (batch, h, w, 3)).astype(np.float32)
     times = []
     for _ in range(warmup + repeats):
         started = time.perf_counter()
@@ -126,6 +128,33 @@ def part_time(model_path: str, how: str, size: int, batch: int, warmup: int, rep
     step = statistics.median(times[warmup:])
     _emit({"images_per_s": round(batch / step, 3), "step_s_median": round(step, 4), "step_s": [round(t, 4) for t in times],
            "warmup": warmup, "how": label})
+
+
+ONNX_FULL_MODEL = ("not measured: tf2onnx (1.17, through Keras's export) ran out of memory converting the full "
+                   "134M-parameter FCN-8s on this 24 GB machine (killed by the kernel at 23.2 GB peak RSS); see the "
+                   "trained checkpoint's rows for ONNX Runtime")
+
+
+def _rows(checkpoint: Path, work: Path, timing: list[str], calibration: Path, keep: bool, skip: dict) -> dict:
+    """The Keras rows, then each export of ``checkpoint`` with its parity and its runtime's speed."""
+    work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for name, how in (("keras-fcn", "fcn"), ("keras-float32", "keras-float32")):
+        print(f"[time] {name}", flush=True)
+        rows[name] = _child("--part", "time", "--args", str(checkpoint), how, *timing)
+    for name, fmt, quantize in ROWS:
+        if name in skip:
+            rows[name] = {"skipped": skip[name]}
+            continue
+        target = work / ({"savedmodel": "fcn8_savedmodel"}.get(fmt) or f"{name}.{fmt}")
+        print(f"[export + time] {name}", flush=True)
+        made = _child("--part", "export", "--args", str(checkpoint), fmt, str(target), quantize,
+                      str(calibration) if quantize == "int8" or not keep else "", "keep" if keep else "")
+        row = {"export": made}
+        if "error" not in made and target.exists():
+            row.update(_child("--part", "time", "--args", str(target), "exported", *timing))
+        rows[name] = row
+    return rows
 
 
 def _predict_e2e(model_path: Path, photo: Path, out: Path) -> dict:
@@ -168,10 +197,6 @@ def main(argv=None) -> int:
     print("[checkpoint]", flush=True)
     result["model"].update(_child("--part", "checkpoint", "--args", str(checkpoint), str(sizes["width"]),
                                   str(sizes["head_width"]), str(sizes["size"])))
-    timing = [str(sizes[k]) for k in ("size", "batch", "warmup", "repeats")]
-    for name, how in (("keras-fcn", "fcn"), ("keras-float32", "keras-float32")):
-        print(f"[time] {name}", flush=True)
-        result["rows"][name] = _child("--part", "time", "--args", str(checkpoint), how, *timing)
     # int8 calibrates on photos; without CamVid, on a generated set
     calibration = data
     if calibration is None:
@@ -179,35 +204,31 @@ def main(argv=None) -> int:
 
         calibration = work / "synthetic"
         generate_synthetic(calibration, count=24, size=(sizes["size"], sizes["size"]), seed=0)
-    for name, fmt, quantize in ROWS:
-        target = work / ({"savedmodel": "fcn8_savedmodel"}.get(fmt) or f"{name}.{fmt}")
-        print(f"[export + time] {name}", flush=True)
-        made = _child("--part", "export", "--args", str(checkpoint), fmt, str(target), quantize,
-                      str(calibration) if quantize == "int8" else "", "keep")
-        row = {"export": made}
-        if "error" not in made:
-            row.update(_child("--part", "time", "--args", str(target), "exported", *timing))
-        result["rows"][name] = row
-    photo = work / "street.png"
-    from PIL import Image
-
-    from fcn_cli.synthetic import render_scene
-
-    Image.fromarray(render_scene(np.random.default_rng(1), 360, 480)[0]).save(photo)
-    e2e = {}
-    for name, path in (("keras", checkpoint), ("onnx", work / "onnx.onnx")):
-        print(f"[fcn predict 480x360] {name}", flush=True)
-        e2e[name] = _predict_e2e(path, photo, work / f"mask-{name}.png")
-    result["predict_480x360_end_to_end"] = e2e
+    timing = [str(sizes[k]) for k in ("size", "batch", "warmup", "repeats")]
+    skip = {} if args.quick else {"onnx": ONNX_FULL_MODEL}
+    result["rows"] = _rows(checkpoint, work / "random", timing, calibration, keep=True, skip=skip)
     trained = args.checkpoint or _newest_camvid_checkpoint()
     if trained is not None and data is not None and not args.quick:
-        result["parity_trained"] = {"checkpoint": str(trained), "data": str(data), "rows": {}}
-        for name, fmt, quantize in ROWS:
-            print(f"[parity on the trained checkpoint] {name}", flush=True)
-            target = work / f"trained-{name}" / ({"savedmodel": "fcn8_savedmodel"}.get(fmt) or f"{name}.{fmt}")
-            target.parent.mkdir()
-            made = _child("--part", "export", "--args", str(trained), fmt, str(target), quantize, str(data))
-            result["parity_trained"]["rows"][name] = made.get("parity", made)
+        # The trained checkpoint: parity that means something, and ONNX Runtime's speed on a model tf2onnx can convert.
+        from fcn_cli.inference import meta_image_size
+        from fcn_cli.runs import read_checkpoint_meta
+
+        h, w = meta_image_size(read_checkpoint_meta(trained)) or (224, 224)
+        print(f"[trained checkpoint {trained}, {h}x{w}]", flush=True)
+        trained_timing = [f"{h}x{w}", *timing[1:]]
+        result["trained"] = {"checkpoint": str(trained), "data": str(data), "image_size": [h, w],
+                             "rows": _rows(trained, work / "trained", trained_timing, data, keep=False, skip={})}
+        photo = work / "street.png"
+        from PIL import Image
+
+        from fcn_cli.synthetic import render_scene
+
+        Image.fromarray(render_scene(np.random.default_rng(1), 360, 480)[0]).save(photo)
+        e2e = {}
+        for name, path in (("keras", trained), ("onnx", work / "trained" / "onnx.onnx")):
+            print(f"[fcn predict 480x360] {name}", flush=True)
+            e2e[name] = _predict_e2e(path, photo, work / f"mask-{name}.png")
+        result["trained"]["predict_480x360_end_to_end"] = e2e
     result["wall_s"] = round(time.perf_counter() - started, 1)
     stem = "export-quick" if args.quick else "export"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -246,13 +267,18 @@ def _machine() -> dict:
 
 
 def _summary(result: dict) -> None:
-    base = result["rows"].get("keras-float32", {}).get("images_per_s")
-    for name, row in result["rows"].items():
-        rate = row.get("images_per_s")
-        parity = (row.get("export") or {}).get("parity") or {}
-        ratio = f" ({rate / base:.2f}x plain Keras float32)" if rate and base else ""
-        print(f"{name:14s} {rate if rate else row.get('error') or row.get('export', {}).get('error')} images/s{ratio}"
-              + (f", parity {parity.get('agreement')}" if parity else ""))
+    for title, rows in (("random full-width FCN-8s", result["rows"]), ("trained checkpoint", result.get("trained", {}).get("rows", {}))):
+        if not rows:
+            continue
+        print(title)
+        base = rows.get("keras-float32", {}).get("images_per_s")
+        for name, row in rows.items():
+            rate = row.get("images_per_s")
+            parity = (row.get("export") or {}).get("parity") or {}
+            problem = row.get("skipped") or row.get("error") or (row.get("export") or {}).get("error")
+            ratio = f" ({rate / base:.2f}x plain Keras float32)" if rate and base else ""
+            print(f"  {name:14s} " + (f"{rate} images/s{ratio}" if rate else str(problem)[:120])
+                  + (f", parity {parity.get('agreement')}" if parity else ""))
 
 
 if __name__ == "__main__":
