@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,11 +134,12 @@ def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_a_resumable_run(data
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
 
 
-def test_ctrl_c_saves_a_consistent_run_and_resume_continues_and_extends(data_dir, tmp_path):
+def _signalled_run(data_dir, out: Path, signum) -> tuple[subprocess.CompletedProcess, Path, dict]:
+    """`fcn train` for 3 epochs of 128x128 (each committed), sent ``signum`` once its first epoch is in the log:
+    (the finished process, its run folder, the metadata of its last.keras). The commit must be consistent:
+    mid-epoch weights labelled with the last finished epoch, which the log and the state agree on."""
     from fcn_cli.runs import load_checkpoint
 
-    out = tmp_path / "models"
-    # Enough epochs, each committed, that the signal surely lands mid-run (a tiny epoch takes 0.1 s).
     args = [sys.executable, "-m", "fcn_cli", "train", "--data", str(data_dir), "--epochs", "3", "--out", str(out),
             *TINY[:-6], "--image-size", "128x128", "--batch-size", "2", "--precision", "float32", "--checkpoint-overhead", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -145,44 +147,32 @@ def test_ctrl_c_saves_a_consistent_run_and_resume_continues_and_extends(data_dir
     while time.time() < deadline and not (out.exists() and list(out.glob("*/log.csv"))):
         time.sleep(0.2)
     time.sleep(0.2)  # into the second epoch
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "interrupted" in stdout and "--resume" in stdout and "Traceback" not in stderr
+    assert "--resume" in stdout and "Traceback" not in stderr, stderr[-2000:]
     (run,) = [p for p in out.iterdir() if p.is_dir()]
-    # The commit on Ctrl-C: mid-epoch weights in last.keras, labelled with the last finished epoch,
-    # which the log and the state agree on.
     _, meta = load_checkpoint(run / "last.keras", num_classes=12)
     rows = list(csv.DictReader(open(run / "log.csv")))
     state = json.loads((run / "state.json").read_text())
     assert meta["epoch"] == state["epochs_done"] == len(rows) >= 1
     assert meta["epoch"] < 3, "the run ended before the signal: make it longer"
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr), run, meta
+
+
+def test_ctrl_c_saves_a_consistent_run_and_resume_continues_and_extends(data_dir, tmp_path):
+    proc, run, meta = _signalled_run(data_dir, tmp_path / "models", signal.SIGINT)
+    assert proc.returncode == 130 and "interrupted (SIGINT)" in proc.stdout, proc.stderr[-2000:]
     # Resuming continues after the last finished epoch, and --epochs given on resume extends the run.
-    proc = fcn("train", "--resume", run, "--epochs", "4", check=0)
-    assert f"epoch {meta['epoch'] + 1}/4" in proc.stdout and "epoch 1/4" not in proc.stdout
+    resumed = fcn("train", "--resume", run, "--epochs", "4", check=0)
+    assert f"epoch {meta['epoch'] + 1}/4" in resumed.stdout and "epoch 1/4" not in resumed.stdout
     assert [int(r["epoch"]) for r in csv.DictReader(open(run / "log.csv"))] == list(range(1, 5))
     assert json.loads((run / "state.json").read_text())["epochs_done"] == 4
 
 
 def test_sigterm_commits_a_consistent_run_and_exits_143(data_dir, tmp_path):
     """What Kubernetes, Slurm and preemptible VMs send before they kill: the run commits, as after Ctrl-C."""
-    from fcn_cli.runs import load_checkpoint
-
-    out = tmp_path / "models"
-    args = [sys.executable, "-m", "fcn_cli", "train", "--data", str(data_dir), "--epochs", "3", "--out", str(out),
-            *TINY[:-6], "--image-size", "128x128", "--batch-size", "2", "--precision", "float32", "--checkpoint-overhead", "1"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out.exists() and list(out.glob("*/log.csv"))):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-2000:]
-    assert "interrupted (SIGTERM)" in stdout and "--resume" in stdout and "Traceback" not in stderr
-    (run,) = [p for p in out.iterdir() if p.is_dir()]
-    _, meta = load_checkpoint(run / "last.keras", num_classes=12)
-    state = json.loads((run / "state.json").read_text())
-    assert meta["epoch"] == state["epochs_done"] == len(list(csv.DictReader(open(run / "log.csv")))) < 3
+    proc, _, _ = _signalled_run(data_dir, tmp_path / "models", signal.SIGTERM)
+    assert proc.returncode == 143 and "interrupted (SIGTERM)" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_wrong_checkpoint_path_is_one_clear_line(data_dir, tmp_path):
