@@ -76,23 +76,35 @@ def parse_size(text: str, flag: str = "--image-size") -> tuple[int, int]:
 
 def _inference_checkpoint(model: Path | None, models_dir: Path, image_size: str | None,
                           mode: Mode) -> tuple[Path, tuple[int, int] | None]:
-    """(the checkpoint evaluate / predict run, the parsed --image-size), after their shared checks of the
-    flags and the file, which come first (a mistake costs no TensorFlow start); then the precision is
-    settled (its ISA cap must be set before TensorFlow starts)."""
+    """(the model evaluate / predict run, the parsed --image-size), after their shared checks of the flags
+    and the file, which come first (a mistake costs no TensorFlow start)."""
     size = parse_size(image_size) if image_size else None
     if size and mode.value != "resize":
         raise FcnError(f"--image-size {image_size}: only resize mode resizes photos; drop it or use --mode resize")
+    path, exported = _resolved_model(model, models_dir)
+    _start_inference(exported)
+    return path, size
+
+
+def _resolved_model(model: Path | None, models_dir: Path) -> tuple[Path, str | None]:
+    """(--model or the stable link, its export format or None for a checkpoint), read without TensorFlow: a
+    missing, foreign or cut-off checkpoint is one line before anything starts."""
     from fcn_cli.exported import format_of
     from fcn_cli.runs import read_checkpoint_meta, resolve_model_path
 
     path = resolve_model_path(model, models_dir)
     exported = format_of(path)
     if exported is None:
-        read_checkpoint_meta(path, verify=False)  # a missing, foreign or cut-off file: one line, no TensorFlow start
+        read_checkpoint_meta(path, verify=False)
+    return path, exported
+
+
+def _start_inference(exported: str | None) -> None:
+    """Settle the precision (its ISA cap must be set before TensorFlow starts), then start TensorFlow, unless
+    an ONNX model runs (ONNX Runtime needs no TensorFlow)."""
     _settle_precision("inference")
-    if exported != "onnx":  # ONNX Runtime runs without TensorFlow
+    if exported != "onnx":
         _quiet_tensorflow()
-    return path, size
 
 
 def parse_range(text: str, flag: str) -> tuple[float, float]:
@@ -106,16 +118,10 @@ def parse_range(text: str, flag: str) -> tuple[float, float]:
     return low, high
 
 
-def _console():
+def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console()
-
-
-def _console_err():
-    from rich.console import Console
-
-    return Console(stderr=True)
+    return Console(stderr=stderr)
 
 
 def _resumed_precision(run: Path) -> str:
@@ -155,19 +161,13 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if "tensorflow" in sys.modules or os.environ.get("FCN_DEBUG"):
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
+    from fcn_cli.exported import quiet_stderr
+
+    with quiet_stderr():
         import tensorflow
         import keras  # noqa: F401
 
         tensorflow.config.list_physical_devices("GPU")  # device discovery: no runtime set up yet
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 # --- train / evaluate / predict --------------------------------------------------------------
@@ -302,9 +302,6 @@ def predict(
         raise typer.Exit(1)
 
 
-# --- data -------------------------------------------------------------------------------------
-
-
 @app.command("export")
 def export_command(
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="savedmodel (TF Serving), tflite (LiteRT, phones) or onnx (ONNX Runtime).")],
@@ -322,23 +319,21 @@ def export_command(
 ):
     """Export a checkpoint for another runtime, then check the file's predictions against Keras's."""
     from fcn_cli.export import check_request, default_output
-    from fcn_cli.runs import read_checkpoint_meta, resolve_model_path
 
     fmt, quantize = fmt.value, quantize.value
     size = parse_size(image_size) if image_size else None
     if size and dynamic:
         raise FcnError("--image-size and --dynamic: give one (a fixed size, or any size)")
-    path = resolve_model_path(model, models_dir)
-    read_checkpoint_meta(path, verify=False)
+    path, exported = _resolved_model(model, models_dir)
+    if exported:
+        raise FcnError(f"{path}: already an exported {exported} model; give the .keras checkpoint it came from")
     out = output or default_output(path, fmt)
     check_request(fmt, out, quantize, dynamic, data, overwrite)
-    _settle_precision("inference")
-    _quiet_tensorflow()
+    _start_inference(None)
     from fcn_cli.export import export
 
-    console = _console()
     report = export(path, fmt, out, image_size=size, dynamic=dynamic, quantize=quantize, labels=labels,
-                    uint8=uint8, data=data, overwrite=overwrite, console=console)
+                    uint8=uint8, data=data, overwrite=overwrite)
     parity = report["parity"]
     diff = "" if parity["max_abs_logit_diff"] is None else f", max |logit difference| {parity['max_abs_logit_diff']:.3g}"
     line = (f"parity over {parity['images']} images: {parity['agreement']:.4%} of pixels agree with Keras{diff} "
@@ -351,12 +346,15 @@ def export_command(
             from fcn_cli.images import atomic_write_bytes
 
             atomic_write_bytes(Path(json_out), (text + "\n").encode())
-    target = console if json_out != "-" else _console_err()
+    target = _console(stderr=json_out == "-")  # with the report on stdout, the line goes to stderr
     if not parity["passed"]:
         target.print(f"[red]parity failed[/]: {line}; nothing written to {out}", highlight=False)
         raise typer.Exit(1)
     target.print(f"wrote {out} ({report['bytes'] / 2**20:.1f} MiB, {fmt}"
                  f"{', ' + quantize if quantize != 'none' else ''}); {line}", highlight=False)
+
+
+# --- data -------------------------------------------------------------------------------------
 
 
 @data_app.command("synthetic")

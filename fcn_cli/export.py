@@ -76,7 +76,7 @@ def check_request(fmt: str, out: Path, quantize: str, dynamic: bool, data: Path 
 
 def export(checkpoint: Path, fmt: str, out: Path, *, image_size: tuple[int, int] | None = None, dynamic: bool = False,
            quantize: str = "none", labels: bool = False, uint8: bool = False, data: Path | None = None,
-           overwrite: bool = False, console=None) -> dict:
+           overwrite: bool = False) -> dict:
     """Write ``checkpoint`` as ``fmt`` to ``out`` after a parity check; returns the report (also on failure,
     with ``parity.passed`` false and nothing written)."""
     from fcn_cli.inference import meta_image_size

@@ -118,7 +118,7 @@ def _tflite_runner(path: Path):
         Interpreter = tf.lite.Interpreter  # noqa: N806
     # TensorFlow's copy warns that LiteRT's replaces it (either runs the file), and the runtime announces
     # its XNNPACK delegate on stderr: neither is the user's business.
-    with warnings.catch_warnings(), _quiet_stderr():
+    with warnings.catch_warnings(), quiet_stderr():
         warnings.simplefilter("ignore")
         interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
         interpreter.allocate_tensors()
@@ -136,8 +136,9 @@ def _tflite_runner(path: Path):
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
-    """File descriptor 2 to /dev/null for a while: what C++ runtimes print there directly."""
+def quiet_stderr():
+    """File descriptor 2 to /dev/null for a while: what C++ runtimes (TensorFlow's start, TFLite's delegate)
+    print there directly, past Python's sys.stderr."""
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
