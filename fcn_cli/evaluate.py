@@ -17,6 +17,8 @@ from pathlib import Path
 
 from fcn_cli.errors import FcnError
 
+SCHEMA = "fcn.evaluate/1"  # the report's layout; bumped when a key changes meaning or goes away
+
 
 def output_paths(model_path: str | Path, split: str, json_path: str | Path | None) -> dict[str, Path]:
     """The JSON, confusion CSV and confusion PNG paths of an evaluation."""
@@ -55,22 +57,26 @@ def evaluate(
 ) -> dict:
     """Score ``model_path`` on ``split`` of ``data_dir``; print the table, write the files, return every number.
 
-    The returned dict (also the JSON) holds pixel_accuracy, mean_accuracy, mean_iou, mean_dice,
-    fw_iou, pixels, per_class (name, colour, iou, accuracy, dice, support), confusion_matrix,
-    split, checkpoint, images, mode and files. ``image_size`` (H, W) overrides the checkpoint's
-    inference size in resize mode. ``inference_options`` (tile, overlap, tile_budget)
-    go to :func:`fcn_cli.inference.iter_predictions`.
+    The returned dict (also the JSON) holds schema (``SCHEMA``), pixel_accuracy, mean_accuracy,
+    mean_iou, mean_dice, fw_iou, pixels, per_class (name, colour, iou, accuracy, dice, support),
+    confusion_matrix, split, checkpoint, images, mode, tta ({"scales": [...], "flip": bool}) and files.
+    ``image_size`` (H, W) overrides the checkpoint's inference size in resize mode.
+    ``inference_options`` (tile, overlap, tile_budget, flip, scales) go to
+    :func:`fcn_cli.inference.iter_predictions`.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from fcn_cli import metrics
     from fcn_cli.datasets import find_dataset
-    from fcn_cli.inference import effective_mode, iter_predictions, load_for_inference, prefetch
+    from fcn_cli.inference import effective_mode, iter_predictions, load_for_inference, prefetch, tta_scales
     from fcn_cli.pipeline import evaluation_items
     from fcn_cli.runs import write_json
 
     console = console or Console()
+    # Checked before any data or model is read; the report records the scales as they ran.
+    tta = {"scales": list(tta_scales(inference_options.get("scales"))), "flip": bool(inference_options.get("flip"))}
+    inference_options = {**inference_options, "scales": tuple(tta["scales"]), "flip": tta["flip"]}
     model_path = Path(model_path)
     files = output_paths(model_path, split, json_path)
     from fcn_cli import shards
@@ -118,13 +124,14 @@ def evaluate(
         for i, (name, colour, entry) in enumerate(zip(classes.names, classes.colors, summary["per_class"]))
     ]
     result = {
+        "schema": SCHEMA,
         "checkpoint": str(model_path),
         "checkpoint_resolved": str(model_path.resolve()),
         "data": str(data_dir),
         "split": split,
         "images": count,
         "mode": used,
-        "flip_tta": bool(inference_options.get("flip", False)),
+        "tta": tta,
         "image_size": list(size) if size else None,
         "variant": meta.get("variant"),
         "pixel_accuracy": summary["pixel_accuracy"],

@@ -17,6 +17,11 @@ Shared by ``evaluate`` and ``predict``. Two ways for a photo to meet the model (
 A checkpoint without a training size (a plain .keras from elsewhere) cannot be resized to it, so
 ``"resize"`` falls back to ``"native"`` there (:func:`effective_mode`).
 
+Test-time augmentation (mmsegmentation's ``--aug-test``; ``flip``, ``scales``): each batch, already
+at its base size (the inference size in resize mode, the photo's own size or a tile in native mode),
+also runs resized by each scale (sides rounded to multiples of 32) and mirrored; the logits of every
+view come back to the base size and are averaged before the argmax.
+
 Calls go through ``model(x, training=False)`` on whole batches, never ``model.predict`` per image.
 """
 
@@ -41,6 +46,7 @@ OVERLAP = 64  # pixels neighbouring tiles share (rounded up to a multiple of 32)
 TILE_BUDGET = 2_500_000  # pixels: larger photos are tiled in native mode; also caps one forward pass
 WINDOW_BATCHES = 4  # photos are grouped by size within windows of batch_size * this many
 BAND_FLOATS = 8_000_000  # floats per band when upsampling / argmax-ing big logit maps (32 MB)
+MAX_SCALE = 4.0  # largest test-time scale: 16x the pixels of a plain pass is already more than anyone waits for
 
 
 # --------------------------------------------------------------------------- any image size
@@ -138,6 +144,36 @@ def meta_image_size(meta: dict) -> tuple[int, int] | None:
     return None
 
 
+def tta_scales(scales) -> tuple[float, ...]:
+    """Test-time scales, checked: positive numbers up to ``MAX_SCALE``, duplicates dropped, sorted.
+
+    Accepts a sequence of numbers, one number, or a comma-separated string ("0.75,1,1.25"); None is (1.0,).
+    """
+    if scales is None:
+        return (1.0,)
+    if isinstance(scales, str):
+        scales = [part.strip() for part in scales.split(",")]
+    elif isinstance(scales, (int, float)):
+        scales = [scales]
+    shown = ",".join(str(v) for v in scales)
+    try:
+        values = sorted({float(v) for v in scales})
+    except (TypeError, ValueError):
+        values = []
+    if not values or not all(0.0 < v <= MAX_SCALE for v in values):  # also rejects nan
+        raise FcnError(f"--tta scales={shown}: give one or more numbers above 0 and at most {MAX_SCALE:g}, "
+                       "comma-separated (e.g. --tta scales=0.75,1,1.25)")
+    return tuple(values)
+
+
+def scaled_size(hw: Sequence[int], scale: float) -> tuple[int, int]:
+    """(H, W) times ``scale``, each side rounded to a multiple of 32 (at least 32); scale 1 keeps (H, W)
+    as it is (the plain pass pads it instead, so TTA's scale 1 is exactly the plain prediction)."""
+    if scale == 1.0:
+        return int(hw[0]), int(hw[1])
+    return tuple(max(MULTIPLE, int(v * scale / MULTIPLE + 0.5) * MULTIPLE) for v in hw)
+
+
 def effective_mode(mode: str, image_size: Sequence[int] | None) -> tuple[str, tuple[int, int] | None]:
     """(mode actually used, training size): "resize" without a known training size runs "native"."""
     if mode not in MODES:
@@ -203,6 +239,7 @@ def iter_predictions(
     overlap: int = OVERLAP,
     tile_budget: int | None = None,
     flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> Iterator[tuple[Any, np.ndarray]]:
     """(key, result) for each (key, (H, W, 3) uint8 photo) of ``items``, in order, lazily.
 
@@ -211,19 +248,26 @@ def iter_predictions(
     ``batch_size * WINDOW_BATCHES``, grouped (all together in resize mode, by size in native mode)
     and run ``batch_size`` at a time, never more than ``tile_budget`` pixels per forward pass.
     ``flip=True`` averages the logits of each photo and of its mirror image (test-time augmentation:
-    twice the compute).
+    twice the compute). ``scales`` (:func:`tta_scales`) adds views resized by each factor, run and
+    resized back; the logits of every scale (and mirror) are averaged (compute grows with the sum
+    of the squared scales, times two with ``flip``).
     """
     if output not in ("labels", "logits"):
         raise ValueError(f"output must be 'labels' or 'logits', got {output!r}")
     mode, size = effective_mode(mode, image_size)
+    scales = tta_scales(scales)
     fixed = getattr(model, "fixed_size", None)  # an export with a fixed height and width (fcn_cli.exported)
     if fixed and (mode != "resize" or tuple(size) != fixed):
         raise FcnError(f"{model.path}: exported for {fixed[0]}x{fixed[1]} images only; run it in resize mode at "
                        "that size (no --image-size, no --mode native), or export with --dynamic")
+    if fixed and scales != (1.0,):
+        raise FcnError(f"{model.path}: exported for {fixed[0]}x{fixed[1]} images only, so it cannot run other "
+                       f"scales (--tta scales={','.join(f'{s:g}' for s in scales)}); export with --dynamic, "
+                       "or drop the scales (--tta flip alone works)")
     runner = _Runner(
         model, mode, size, max(1, int(batch_size)), output,
         tile=tile, overlap=overlap, budget=TILE_BUDGET if tile_budget is None else max(1, int(tile_budget)),
-        flip=flip,
+        flip=flip, scales=scales,
     )
     window: list[tuple[Any, np.ndarray]] = []
     limit = runner.batch_size * WINDOW_BATCHES
@@ -373,9 +417,11 @@ class _Sink:
 
 
 class _Runner:
-    def __init__(self, model, mode, size, batch_size, output, tile, overlap, budget, flip=False):
+    def __init__(self, model, mode, size, batch_size, output, tile, overlap, budget, flip=False, scales=(1.0,)):
         self.model = model
-        self.flip = flip
+        self.flip = bool(flip)
+        self.scales = tuple(scales)
+        self.tta = self.flip or self.scales != (1.0,)
         self.mode = mode
         self.size = size
         self.batch_size = batch_size
@@ -390,26 +436,38 @@ class _Runner:
     # one forward pass ---------------------------------------------------------------------
     def forward(self, batch: np.ndarray, labels: bool = False) -> np.ndarray:
         """(B, H, W, 3) -> (B, H, W, C) float32 logits, or with ``labels`` (B, H, W) class indices,
-        for any H, W (padded to 32 and cropped back)."""
-        def run(images, model):
-            padded, hw = pad_to_multiple(images, MULTIPLE)
-            # predict_on_batch runs a compiled forward (tf.function / jax.jit, shapes relaxed after a
-            # retrace): graph-level fusions and no per-layer Python, 15% faster than eager here.
-            return crop_to(np.asarray(model.predict_on_batch(np.asarray(padded, np.float32))), hw)
-
-        argmax = labels_model(self.model) if labels and not self.flip else None
+        for any H, W (padded to 32 and cropped back); averaged over the TTA views when there are any."""
+        argmax = labels_model(self.model) if labels and not self.tta else None
         if argmax is not None:
             # The argmax inside the compiled forward: 12x less to copy out, no numpy pass (3% at 224x224).
-            return run(batch, argmax)
-        logits = run(batch, self.model).astype(np.float32, copy=False)
+            return _run(batch, argmax)
+        logits = self._views(batch) if self.tta else _run(batch, self.model).astype(np.float32, copy=False)
         self.channels = self.channels or logits.shape[-1]
-        if self.flip:
-            # Mirror in, mirror back: road scenes are left-right symmetric, so the two views agree in kind.
-            logits = 0.5 * (logits + run(batch[:, :, ::-1], self.model)[:, :, ::-1])
         return np.argmax(logits, axis=-1) if labels else logits
 
-    def _per_pass(self, pixels: int) -> int:
-        return max(1, min(self.batch_size, self.budget // max(1, pixels)))
+    def _views(self, batch: np.ndarray) -> np.ndarray:
+        """Mean logits of the batch at every scale (and mirrored), at the batch's own size."""
+        hw = batch.shape[1:3]
+        total = None
+        for scale in self.scales:
+            size = scaled_size(hw, scale)
+            # The same numpy bilinear as the resize mode's images (tf.image.resize's rule, no TensorFlow).
+            x = batch if size == hw else np.stack([resize_logits(im, size) for im in batch])
+            logits = _run(x, self.model).astype(np.float32, copy=False)
+            if self.flip:
+                # Mirror in, mirror back: road scenes are left-right symmetric, so the two views agree in kind.
+                logits = logits + _run(x[:, :, ::-1], self.model)[:, :, ::-1]
+            if size != hw:  # resizing is linear: the mirror pair's sum comes back in one resize
+                logits = np.stack([resize_logits(lg, hw) for lg in logits])
+            total = logits if total is None else total + logits
+        return total / (len(self.scales) * (2 if self.flip else 1))
+
+    def _pass_pixels(self, hw: tuple[int, int]) -> int:
+        """Pixels of one image's largest forward pass: its largest test-time scale, when there is one."""
+        return max(int(np.prod(scaled_size(hw, s))) for s in self.scales)
+
+    def _per_pass(self, hw: tuple[int, int]) -> int:
+        return max(1, min(self.batch_size, self.budget // max(1, self._pass_pixels(hw))))
 
     # a window of photos -------------------------------------------------------------------
     def run_window(self, window: list[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray]]:
@@ -420,13 +478,12 @@ class _Runner:
             groups: dict[tuple[int, int], list[int]] = {}
             for i, (_, image) in enumerate(window):
                 h, w = image.shape[:2]
-                if h * w > self.budget:
+                if self._pass_pixels((h, w)) > self.budget:  # a large test-time scale can tip a photo into tiles
                     results[i] = self._tiled(image)
                 else:
                     groups.setdefault((h, w), []).append(i)
             for (h, w), members in groups.items():
-                padded_px = (-(-h // MULTIPLE) * MULTIPLE) * (-(-w // MULTIPLE) * MULTIPLE)
-                step = self._per_pass(padded_px)
+                step = self._per_pass((-(-h // MULTIPLE) * MULTIPLE, -(-w // MULTIPLE) * MULTIPLE))
                 for start in range(0, len(members), step):
                     chunk = members[start : start + step]
                     outs = self.forward(np.stack([window[i][1] for i in chunk]), labels=self.output == "labels")
@@ -439,7 +496,7 @@ class _Runner:
 
     def _resized(self, members: list[int], window, results: dict) -> None:
         h, w = self.size
-        step = self._per_pass(h * w)
+        step = self._per_pass((h, w))
         for start in range(0, len(members), step):
             chunk = members[start : start + step]
             # A photo already at the inference size skips both resizes (they would be identities).
@@ -475,7 +532,7 @@ class _Runner:
         # How many tiles cover each row / column: the averaging weights, known up front.
         cover_y = _coverage(hp, ys, th)
         cover_x = _coverage(wp, xs, tw)
-        step = self._per_pass(th * tw)
+        step = self._per_pass((th, tw))
         sink: _Sink | None = None
         carry: np.ndarray | None = None  # accumulated rows [ys[r], previous band's end)
         for r, y0 in enumerate(ys):
@@ -503,6 +560,14 @@ class _Runner:
         return sink.out
 
 
+def _run(images: np.ndarray, model) -> np.ndarray:
+    """One forward pass of (B, H, W, 3) images of any H, W (padded to a multiple of 32, cropped back)."""
+    padded, hw = pad_to_multiple(images, MULTIPLE)
+    # predict_on_batch runs a compiled forward (tf.function / jax.jit, shapes relaxed after a
+    # retrace): graph-level fusions and no per-layer Python, 15% faster than eager here.
+    return crop_to(np.asarray(model.predict_on_batch(np.asarray(padded, np.float32))), hw)
+
+
 def _starts(total: int, size: int, stride: int) -> list[int]:
     """Tile origins covering [0, total): every ``stride``, the last one flush with the end."""
     stride = max(1, stride)
@@ -521,12 +586,15 @@ def _coverage(total: int, starts: list[int], size: int) -> np.ndarray:
 
 __all__ = [
     "MODES",
+    "MAX_SCALE",
     "TILE",
     "OVERLAP",
     "TILE_BUDGET",
     "load_for_inference",
     "meta_image_size",
     "effective_mode",
+    "tta_scales",
+    "scaled_size",
     "logits_for",
     "labels_for",
     "predict_batch",
