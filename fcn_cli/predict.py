@@ -17,6 +17,10 @@ or when it is our own earlier output (every PNG written here carries the PNG tex
 ``Software=fcn predict``); files are written to a temporary name in their folder and renamed.
 A photo that cannot be decoded, or whose outputs are refused, is reported and skipped; the rest
 are still written; ``PredictResult.failed`` lists them (the CLI then exits non-zero).
+
+Inputs that are exactly one video file (:data:`fcn_cli.video.VIDEO_SUFFIXES`) go to
+:func:`fcn_cli.video.predict_video` instead: a mask video (``predictions/<stem>_mask.mp4``), one
+clip per run.
 """
 
 from __future__ import annotations
@@ -46,9 +50,15 @@ LEGEND_NAME = "legend.png"
 GLOB_CHARS = set("*?[")
 
 
+SUMMARY_SCHEMA = "fcn.predict/1"
+
+
 @dataclass
 class PredictResult:
-    """``written``: the mask files; ``failed``: (input photo, or the refused output, one-line reason)."""
+    """``written``: the mask files; ``failed``: (input photo, or the refused output, one-line reason).
+
+    A video run also sets ``frames`` (written), ``fps`` (the clip's frame rate, also the output's) and
+    ``audio_dropped`` (the clip had an audio track the outputs lack); they stay None for photos."""
 
     written: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
@@ -57,6 +67,25 @@ class PredictResult:
     skipped: list[Path] = field(default_factory=list)  # earlier fcn outputs found among the inputs
     output: Path | None = None
     seconds: float = 0.0
+    frames: int | None = None
+    fps: float | None = None
+    audio_dropped: bool | None = None
+
+    def summary(self) -> dict:
+        """The machine-readable report (``fcn predict --json``): plain JSON types, paths as given."""
+        return {
+            "schema": SUMMARY_SCHEMA,
+            "output": None if self.output is None else str(self.output),
+            "written": [str(p) for p in self.written],
+            "overlays": [str(p) for p in self.overlays],
+            "legend": None if self.legend is None else str(self.legend),
+            "failed": [{"input": str(path), "reason": reason} for path, reason in self.failed],
+            "skipped": [str(p) for p in self.skipped],
+            "seconds": round(self.seconds, 3),
+            "frames": self.frames,
+            "fps": self.fps,
+            "audio_dropped": self.audio_dropped,
+        }
 
 
 @dataclass
@@ -284,10 +313,12 @@ def predict(
     image_size=None,
     **inference_options,
 ) -> PredictResult:
-    """Write a mask (and optionally an overlay / a legend) for every photo found in ``inputs``.
+    """Write a mask (and optionally an overlay / a legend) for every photo found in ``inputs``, or the
+    mask video of the one video they name (:func:`fcn_cli.video.predict_video`).
 
     ``image_size`` (H, W) overrides the checkpoint's inference size in resize mode.
-    ``inference_options`` (tile, overlap, tile_budget) go to :func:`fcn_cli.inference.iter_predictions`.
+    ``inference_options`` (tile, overlap, tile_budget, flip, ...) go to
+    :func:`fcn_cli.inference.iter_predictions`.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -296,6 +327,13 @@ def predict(
     started = time.perf_counter()
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
+    clip = _one_video(inputs)
+    if clip is not None:
+        from fcn_cli.video import predict_video
+
+        return predict_video(clip, output, model_path, classes_file=classes_file, mode=mode, overlay=overlay,
+                             legend=legend, raw=raw, overwrite=overwrite, batch_size=batch_size, console=console,
+                             image_size=image_size, **inference_options)
     # Files already under the output folder are not inputs (earlier masks would be re-predicted).
     exclude = DEFAULT_OUTPUT if output is None else Path(output)
     if output is not None and not exclude.is_dir() and exclude.suffix.lower() in images.IMAGE_SUFFIXES:
@@ -365,6 +403,32 @@ def predict(
         line += f"; {len(result.failed)} failed (listed above)"
     console.print(escape(line), highlight=False, style="red" if result.failed else None)
     return result
+
+
+def _one_video(inputs: Sequence[str]) -> Path | None:
+    """The video file when ``inputs`` name exactly one (a file or a glob's one match) and nothing else;
+    None when they name no video. Folders are searched for photos only."""
+    from fcn_cli.video import is_video
+
+    videos: list[Path] = []
+    others = 0
+    for text in map(str, inputs):
+        path = Path(text)
+        if path.is_file() or path.is_dir() or not (GLOB_CHARS & set(text)):
+            matches = [path]
+        else:
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+        for match in matches:
+            if match.is_file() and is_video(match):
+                videos.append(match)
+            elif match.is_dir() or match.suffix.lower() in images.IMAGE_SUFFIXES or not match.exists():
+                others += 1
+    if not videos:
+        return None
+    if len(videos) > 1 or others:
+        shown = ", ".join(str(v) for v in videos[:3]) + (", ..." if len(videos) > 3 else "")
+        raise FcnError(f"{shown}: predict videos one at a time, without photos (one video per fcn predict)")
+    return videos[0]
 
 
 def _run(jobs, model_path, classes_file, mode, raw, batch_size, console, workers, result, size, options) -> ClassTable:

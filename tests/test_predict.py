@@ -201,6 +201,23 @@ def test_several_inputs_need_an_output_folder(checkpoint, tmp_path):
         _predict([a, b], tmp_path / "mask.png", checkpoint)
 
 
+def test_summary_is_plain_json_with_null_video_fields(checkpoint, tmp_path):
+    import json
+
+    src = tmp_path / "in"
+    _save(src / "a.png")
+    (src / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    summary = _predict([src], out, checkpoint, overlay=True, legend=True).summary()
+    assert json.loads(json.dumps(summary)) == summary
+    assert summary["schema"] == "fcn.predict/1" and summary["output"] == str(out)
+    assert summary["written"] == [str(out / "a.png")] and summary["overlays"] == [str(out / "a_overlay.png")]
+    assert summary["legend"] == str(out / "legend.png") and summary["skipped"] == []
+    assert [f["input"] for f in summary["failed"]] == [str(src / "broken.png")]
+    assert "broken.png" in summary["failed"][0]["reason"]
+    assert summary["frames"] is None and summary["fps"] is None and summary["audio_dropped"] is None
+
+
 def test_too_large_photo_is_refused_with_a_clear_message(checkpoint, tmp_path, monkeypatch):
     _save(tmp_path / "in" / "small.png", _photo(20, 30))
     big = _save(tmp_path / "in" / "big.png")  # 70x90 = 6300 pixels
