@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FCN := $(VENV)/bin/fcn
 
-.PHONY: install demo test bench bench-camvid clean
+.PHONY: install demo test bench bench-camvid docs clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ bench: install
 
 bench-camvid: install
 	$(PY) bench/camvid.py
+
+docs: install
+	# README's command reference, generated from the Typer app (tests/test_conventions.py checks it).
+	$(PY) -m fcn_cli.reference --write README.md
 
 clean:
 	rm -rf demo_out .pytest_cache .hypothesis

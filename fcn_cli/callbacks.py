@@ -256,14 +256,19 @@ def _current_lr(model) -> float:
 
 
 class RichProgress(_keras_callback_base()):
-    """A rich progress bar per epoch (step, loss, images/s), then a line with the validation scores."""
+    """A rich progress bar per epoch (step, loss, images/s), then a line with the validation scores.
+
+    When the console is not a terminal (a CI log, a file, a pipe) a bar's redraws would fill the log:
+    each epoch is then one line with its training and validation figures."""
 
     def __init__(self, console, steps, batch_size, epochs):
         super().__init__()
         self.console, self.steps, self.batch_size, self.epochs = console, steps, batch_size, epochs
+        self.live = bool(console.is_terminal)
         self.progress = None
         self.task = None
         self._t0 = 0.0
+        self._train = (float("nan"), 0.0)  # the epoch's last (loss, images/s)
 
     def _new_progress(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -278,28 +283,91 @@ class RichProgress(_keras_callback_base()):
         )
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+        self._train = (float("nan"), 0.0)
+        if not self.live:
+            return
         self.progress = self._new_progress()
         self.progress.start()
-        self._t0 = time.perf_counter()
         self.task = self.progress.add_task(
             "train", total=self.steps, epoch=epoch + 1, epochs=self.epochs, loss=float("nan"), rate=0.0
         )
 
     def on_train_batch_end(self, batch, logs=None):
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        loss = float((logs or {}).get("loss", float("nan")))
-        self.progress.update(self.task, completed=batch + 1, loss=loss, rate=(batch + 1) * self.batch_size / elapsed)
+        self._train = (float((logs or {}).get("loss", float("nan"))), (batch + 1) * self.batch_size / elapsed)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=batch + 1, loss=self._train[0], rate=self._train[1])
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         self.stop()
-        self.console.print(
-            f"  val loss {logs.get('val_loss', float('nan')):.4f}  "
-            f"val pixel acc {logs.get('val_pixel_accuracy', float('nan')):.3f}  "
-            f"val mIoU {logs.get('val_miou', float('nan')):.3f}"
-        )
+        scores = (f"val loss {logs.get('val_loss', float('nan')):.4f}  "
+                  f"val pixel acc {logs.get('val_pixel_accuracy', float('nan')):.3f}  "
+                  f"val mIoU {logs.get('val_miou', float('nan')):.3f}")
+        if self.live:
+            self.console.print(f"  {scores}")
+            return
+        loss, rate = self._train
+        self.console.print(f"epoch {epoch + 1}/{self.epochs}  loss {logs.get('loss', loss):.4f}  {rate:.2f} img/s  "
+                           f"{time.perf_counter() - self._t0:.0f} s  {scores}", highlight=False)
 
     def stop(self):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class TensorBoardExtras(_keras_callback_base()):
+    """What ``keras.callbacks.TensorBoard`` does not write, into its ``validation`` folder each epoch:
+    the IoU of every class (from the validation confusion matrix the mIoU metric holds after the
+    validation pass) and a few validation photos beside their ground truth and predicted masks."""
+
+    def __init__(self, log_dir: Path, classes, images, labels):
+        super().__init__()
+        self.log_dir, self.classes = Path(log_dir), classes
+        self.images, self.labels = images, labels  # a few validation photos (N, H, W, 3) and masks (N, H, W)
+        self.writer = None
+
+    def on_train_begin(self, logs=None):
+        import tensorflow as tf
+
+        self.writer = tf.summary.create_file_writer(str(self.log_dir / "validation"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        import numpy as np
+        import tensorflow as tf
+
+        from fcn_cli.metrics import scores
+
+        matrix = self._confusion()
+        with self.writer.as_default(step=epoch):
+            if matrix is not None:
+                per_class = scores(matrix, self.classes.ignore_index)["per_class"]
+                for name, entry in zip(self.classes.names, per_class):
+                    if entry["iou"] is not None:
+                        tf.summary.scalar(f"iou/{name}", entry["iou"])
+            predicted = np.argmax(np.asarray(self.model(self.images, training=False), np.float32), axis=-1)
+            # photo | ground truth | prediction, one row per photo
+            rows = [np.concatenate([np.asarray(photo, np.uint8), self.classes.colorize(truth), self.classes.colorize(guess)], axis=1)
+                    for photo, truth, guess in zip(self.images, self.labels, predicted)]
+            tf.summary.image("validation: photo | truth | prediction", np.stack(rows), max_outputs=len(rows))
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self.writer is not None:
+            self.writer.close()
+
+    def _confusion(self):
+        import numpy as np
+
+        from fcn_cli.metrics import MeanIoU
+
+        found = [m for m in _all_metrics(self.model.metrics) if isinstance(m, MeanIoU)]
+        return np.asarray(found[0].total_cm, np.int64) if found else None
+
+
+def _all_metrics(metrics):
+    for metric in metrics:
+        yield metric
+        yield from _all_metrics(getattr(metric, "metrics", None) or [])

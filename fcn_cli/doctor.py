@@ -6,9 +6,7 @@ imports TensorFlow: the probe's trials run in their own processes.
 
 from __future__ import annotations
 
-import json
 import platform
-import sys
 
 from fcn_cli import precision
 
@@ -32,7 +30,7 @@ def collect(recheck: bool = False, console=None) -> dict:
     trials = verdict.trials
     onednn = next((t.get("onednn") for t in trials if t.get("onednn")), None)
     return {
-        "schema": "fcn-doctor/1",
+        "schema": "fcn.doctor/1",
         "machine": {**verdict.fingerprint, "cores": _cores()},
         "versions": {**versions(), **({"onednn": onednn} if onednn else {})},
         "precision": {**verdict.to_json(), "cached": verdict.cached, "cache_file": str(precision.cache_path(verdict.fingerprint))},
@@ -49,15 +47,10 @@ def _cores() -> int | None:
         return os.cpu_count()
 
 
-def report(console, recheck: bool = False, json_path: str | None = None) -> int:
-    from rich.console import Console
+def render(data: dict, console) -> None:
+    """The human report of :func:`collect`'s data: machine, libraries, the verdict and the probe's trials."""
     from rich.table import Table
 
-    # With the JSON on stdout, the probe's progress line goes to stderr.
-    data = collect(recheck, Console(stderr=True) if json_path == "-" else console)
-    if json_path == "-":
-        sys.stdout.write(json.dumps(data, indent=1) + "\n")
-        return 0
     machine, result = data["machine"], data["precision"]
     table = Table(title="fcn doctor", show_header=False)
     table.add_row("CPU", f"{machine['cpu']} ({machine['cores']} cores), {machine['machine']}, kernel {machine['kernel']}")
@@ -93,16 +86,3 @@ def report(console, recheck: bool = False, json_path: str | None = None) -> int:
         console.print(f"pass: every variable's gradient within cosine {precision.PASS_GRADIENT_COSINE} of float32's, "
                       f"two finite steps of the full-width FCN-8s, then after {precision.PROBE_EPOCHS} epochs pixel accuracy ≥ {precision.PASS_ACCURACY} and agreement "
                       f"with float32 ≥ {precision.PASS_AGREEMENT}; re-run with `fcn doctor --recheck`", highlight=False)
-    if json_path:
-        from pathlib import Path
-
-        from fcn_cli.images import atomic_write_bytes
-
-        try:
-            atomic_write_bytes(Path(json_path), (json.dumps(data, indent=1) + "\n").encode())
-        except OSError as exc:
-            from fcn_cli.errors import FcnError
-
-            raise FcnError(f"{json_path}: cannot write ({exc.strerror or exc}); choose a writable --json path") from None
-        console.print(f"wrote {json_path}")
-    return 0

@@ -104,7 +104,7 @@ def export(checkpoint: Path, fmt: str, out: Path, *, image_size: tuple[int, int]
         _write(served, fmt, target, quantize, size, data, classes)
         _add_metadata(target, fmt, exported_meta)
         parity = check_parity(reference, target, photos, labels, quantize)
-        report = {**exported_meta, "path": str(out), "parity": parity,
+        report = {"schema": "fcn.export/1", **exported_meta, "path": str(out), "parity": parity,
                   "bytes": _size_of(target), "seconds": round(time.perf_counter() - started, 1)}
         if parity["passed"]:
             _put_in_place(target, out, fmt)

@@ -120,6 +120,22 @@ def compile_model(model, optimizer, num_classes: int, ignore_index):
     return model
 
 
+def tensorboard_callbacks(run, data, samples: int = 3) -> list:
+    """Keras's TensorBoard callback (loss, validation scores, learning rate per epoch) and fcn's extras
+    (per-class IoU, validation photos with their masks), into ``<run>/tensorboard``: a worker's
+    RunFolder is its own temporary folder, so only the chief's logs remain."""
+    import keras
+    import numpy as np
+
+    from fcn_cli.callbacks import TensorBoardExtras
+
+    log_dir = run.path / "tensorboard"
+    images, labels, *_ = next(iter(data.val))
+    images, labels = np.asarray(images)[:samples], np.asarray(labels)[:samples]
+    return [keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False, update_freq="epoch"),
+            TensorBoardExtras(log_dir, data.classes, images, labels)]
+
+
 # --- the fit --------------------------------------------------------------------------------
 
 
@@ -155,6 +171,7 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
     recorder = EpochRecorder(run, cfg, classes, precision, state, rows, console, strategy,
                              every_epoch=_is_multi_worker(strategy))
     progress = RichProgress(console, data.steps_per_epoch, cfg.batch_size, cfg.epochs)
+    extras = tensorboard_callbacks(run, data) if cfg.tensorboard else []
     started = time.perf_counter()
     interrupted = None
     if _is_multi_worker(strategy):
@@ -166,7 +183,8 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
             with strategy.scope(), StopOnSignal() as stop:
                 model.fit(
                     data.train, validation_data=data.val, epochs=cfg.epochs, initial_epoch=state["epochs_done"],
-                    steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder, stop], verbose=0, shuffle=False,
+                    steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder, stop, *extras], verbose=0,
+                    shuffle=False,
                 )
         except _peer_errors() as exc:
             progress.stop()

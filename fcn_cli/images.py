@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fcn_cli.classes import ClassTable
-from fcn_cli.errors import FcnError
+from fcn_cli.errors import FcnError, write_error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Decoding more pixels than this would need gigabytes; refuse with a clear limit instead.
@@ -160,4 +160,4 @@ def write_png(path: str | Path, array: np.ndarray, palette: np.ndarray | None = 
     try:
         atomic_write_bytes(path, buf.getvalue())
     except OSError as exc:
-        raise FcnError(f"{path}: cannot write ({exc.strerror or exc}); check the folder exists, is writable and has space") from None
+        raise write_error(path, exc, "check the folder exists, is writable and has space") from None

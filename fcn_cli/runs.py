@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fcn_cli.accel.checkpoint_io import load_weights, save_keras
-from fcn_cli.errors import FcnError
+from fcn_cli.errors import FcnError, write_error
 from fcn_cli.images import _umask_mode, atomic_write_bytes
 
 META_ENTRY = "fcn.json"
@@ -38,9 +38,7 @@ def _write(path: Path, data: bytes) -> None:
     try:
         atomic_write_bytes(path, data)
     except OSError as exc:
-        raise FcnError(
-            f"{path}: cannot write ({exc.strerror or exc}); free disk space or choose a writable --out"
-        ) from None
+        raise write_error(path, exc, "free disk space or choose a writable --out") from None
 
 
 def ensure_writable_folder(folder: Path, what: str, fix: str) -> None:
@@ -117,10 +115,7 @@ def commit_checkpoint(tmp: Path, path: Path) -> None:
 
 
 def _write_error(path: Path, exc: OSError) -> FcnError:
-    return FcnError(
-        f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous checkpoint is intact; "
-        "free disk space or choose a writable --out"
-    )
+    return write_error(path, exc, "the previous checkpoint is intact; free disk space or choose a writable --out")
 
 
 def read_checkpoint_meta(path: Path, verify: bool = True) -> dict:

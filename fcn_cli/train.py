@@ -9,6 +9,7 @@ writes a run's files, chief-only and atomic) and stop runs that diverge.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class TrainConfig:
     max_steps: int | None = None  # cap on steps per epoch (smoke tests, benchmarks)
     time_limit: float | None = None  # minutes; stop after the last epoch that fits
     checkpoint_overhead: float = 0.02  # largest share of wall time spent writing checkpoints (1: every epoch)
+    tensorboard: bool = False  # scalars, per-class IoU and validation masks per epoch in <run>/tensorboard
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -96,6 +98,21 @@ def checkpoint_meta(cfg: TrainConfig, classes, precision: str, epoch: int, val_m
 
 
 
+def _record_resume(run, cfg: TrainConfig, data) -> None:
+    """Check that moved data is the same data, then store what changed, so the next --resume continues
+    from today's settings rather than the first run's."""
+    saved = run.read_config()
+    if cfg.data != saved.get("data") and (data.n_train, data.n_val) != (saved.get("train_pairs"), saved.get("val_pairs")):
+        raise FcnError(
+            f"--data {cfg.data}: {data.n_train} training and {data.n_val} validation pairs, but the run trained on "
+            f"{saved.get('train_pairs')} and {saved.get('val_pairs')} from {saved.get('data')}; resume with the data "
+            "it started with, or start a new run"
+        )
+    changed = {name: getattr(cfg, name) for name in RESUMABLE if saved.get(name) != getattr(cfg, name)}
+    if changed:
+        run.write_config({**saved, **changed})
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -112,6 +129,30 @@ class TrainResult:
     images_per_s: float | None = None
     commits: list = field(default_factory=list)  # {"epoch": last finished epoch, "seconds": wall time of the commit}
     epoch_ends_s: list = field(default_factory=list)  # seconds from just before fit to each epoch's end, commit incl.
+
+
+# What may change when a run resumes: how long it goes on, how it commits, where its data now lives and
+# what it logs. Everything else shapes the weights or the schedule already under way.
+RESUMABLE = ("epochs", "time_limit", "checkpoint_overhead", "data", "tensorboard")
+
+
+def resume_config(folder: Path, changes: dict, flag=lambda name: "--" + name.replace("_", "-")) -> TrainConfig:
+    """The configuration a run folder continues with: its own, with ``changes`` (RESUMABLE keys only)
+    applied; any other key is refused in one line naming ``flag(key)`` and the value the run keeps."""
+    from fcn_cli.runs import RunFolder
+
+    saved = RunFolder(Path(folder)).read_config()
+    for name, value in changes.items():
+        if name not in RESUMABLE:
+            stored = saved.get(name, TrainConfig.__dataclass_fields__[name].default
+                               if name in TrainConfig.__dataclass_fields__ else None)
+            allowed = ", ".join(flag(n) for n in RESUMABLE)
+            raise FcnError(
+                f"{flag(name)}: a resumed run keeps its own settings ({name} = {json.dumps(stored)} in "
+                f"{Path(folder) / 'config.json'}); only {allowed} may change on --resume. Drop {flag(name)}, or "
+                f"start a new run from its weights with --init-from {Path(folder) / 'last.keras'}"
+            )
+    return TrainConfig.from_json({**saved, **changes})
 
 
 @dataclass
@@ -146,7 +187,8 @@ def resumed_run(folder: Path) -> Resumed:
 
 
 def train(cfg: TrainConfig, console=None, resume: str | None = None) -> TrainResult:
-    """Train per ``cfg`` (or continue the run folder ``resume``); returns where everything went."""
+    """Train per ``cfg``, or continue the run folder ``resume`` with ``cfg`` from :func:`resume_config`;
+    returns where everything went."""
     from rich.console import Console
 
     from fcn_cli.runs import RunFolder
@@ -155,12 +197,6 @@ def train(cfg: TrainConfig, console=None, resume: str | None = None) -> TrainRes
     from fcn_cli.train_data import prepare_data
 
     console = console or Console()
-    if resume is not None:
-        run_path = Path(resume)
-        saved = RunFolder(run_path).read_config()
-        epochs = cfg.epochs if cfg.extra.get("epochs_given") else saved.get("epochs")
-        cfg = TrainConfig.from_json({**saved, "epochs": epochs})
-
     import keras
 
     # The strategy comes first: multi-worker collectives must be set up before any other TF op.
@@ -178,6 +214,8 @@ def train(cfg: TrainConfig, console=None, resume: str | None = None) -> TrainRes
         console.print(f"[yellow]warning[/]: {warning}", highlight=False)
 
     run = RunFolder.open(resume, chief) if resume else RunFolder.create(Path(cfg.out), cfg.variant, chief)
+    if resume:
+        _record_resume(run, cfg, data)
     try:
         return fit_run(cfg, data, run, strategy, strategy_desc, precision, console,
                        resumed_run(resume) if resume else None)

@@ -35,6 +35,16 @@ def fcn(*args, cwd=None, timeout=600, check=None, columns=400):
     return proc
 
 
+def documented_keys(schema: str) -> set[str]:
+    """The top-level keys docs/json.md lists for ``schema`` (e.g. "fcn.evaluate/1")."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "json.md").read_text()
+    section = text.split(f"## {schema}\n", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
+
+
 def one_line_error(proc, *needles, code=2) -> str:
     """Exit code ``code`` (2: usage or data error), exactly one non-empty stderr line, no traceback, every needle in it."""
     assert proc.returncode == code, f"rc={proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}"

@@ -67,7 +67,7 @@ def test_checkpoints_reload_with_metadata(trained):
 def test_evaluate_json_has_every_metric_in_unit_range(trained, data_dir, tmp_path):
     out, _, _ = trained
     report = tmp_path / "val.json"
-    proc = fcn("evaluate", "--split", "val", "--data", data_dir, "--models-dir", out, "--json", report, check=0)
+    proc = fcn("evaluate", "--split", "val", "--data", data_dir, "--models-dir", out, "--out", report, check=0)
     result = json.loads(report.read_text())
     for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
         assert 0.0 <= result[key] <= 1.0, key
@@ -77,7 +77,7 @@ def test_evaluate_json_has_every_metric_in_unit_range(trained, data_dir, tmp_pat
     assert (tmp_path / "val_confusion.csv").is_file() and (tmp_path / "val_confusion.png").is_file()
     assert "mean" in proc.stdout.lower()
     assert result["image_size"] == [64, 64]
-    fcn("evaluate", "--data", data_dir, "--models-dir", out, "--json", report, "--image-size", "96x128", check=0)
+    fcn("evaluate", "--data", data_dir, "--models-dir", out, "--out", report, "--image-size", "96x128", check=0)
     assert json.loads(report.read_text())["image_size"] == [96, 128]
     bad = fcn("evaluate", "--data", data_dir, "--models-dir", out, "--image-size", "96by128", check=2)
     assert "--image-size" in bad.stderr and "Traceback" not in bad.stderr
@@ -162,11 +162,49 @@ def _signalled_run(data_dir, out: Path, signum) -> tuple[subprocess.CompletedPro
 def test_ctrl_c_saves_a_consistent_run_and_resume_continues_and_extends(data_dir, tmp_path):
     proc, run, meta = _signalled_run(data_dir, tmp_path / "models", signal.SIGINT)
     assert proc.returncode == 130 and "interrupted (SIGINT)" in proc.stdout, proc.stderr[-2000:]
-    # Resuming continues after the last finished epoch, and --epochs given on resume extends the run.
-    resumed = fcn("train", "--resume", run, "--epochs", "4", check=0)
+    # A setting the run already trains with is refused on resume, naming the flag and the stored value.
+    one_line_error(fcn("train", "--resume", run, "--lr=0.5"), "--lr", "lr = 0.001", "--init-from")
+    # Resuming continues after the last finished epoch; --epochs (in its --flag=value form too) extends the
+    # run, --tensorboard may be switched on, and config.json records both for the next --resume.
+    resumed = fcn("train", "--resume", run, "--epochs=4", "--tensorboard", check=0)
     assert f"epoch {meta['epoch'] + 1}/4" in resumed.stdout and "epoch 1/4" not in resumed.stdout
     assert [int(r["epoch"]) for r in csv.DictReader(open(run / "log.csv"))] == list(range(1, 5))
     assert json.loads((run / "state.json").read_text())["epochs_done"] == 4
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 4 and config["tensorboard"] is True
+    tags = _tensorboard_tags(run / "tensorboard")
+    assert {"epoch_loss", "epoch_learning_rate"} <= tags["train"], tags
+    assert {"epoch_loss", "epoch_miou", "iou/road", "iou/sky"} <= tags["validation"], tags
+    assert any(tag.startswith("validation: photo") for tag in tags["validation"]), tags
+    # stdout is a pipe here: one line per epoch with its training and validation figures, no bar
+    epochs = [line for line in resumed.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 4 - meta["epoch"] and all("img/s" in e and "val mIoU" in e and "━" not in e for e in epochs)
+
+
+def _tensorboard_tags(log_dir: Path) -> dict[str, set[str]]:
+    """{"train": tags, "validation": tags} of the event files TensorBoard would read."""
+    import tensorflow as tf
+
+    tags = {}
+    for sub in ("train", "validation"):
+        tags[sub] = set()
+        for path in (log_dir / sub).glob("events.out.tfevents.*"):
+            for record in tf.data.TFRecordDataset(str(path)):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                tags[sub].update(value.tag for value in event.summary.value)
+    return tags
+
+
+def test_resume_refuses_moved_data_that_is_not_the_same_data(trained, tmp_path):
+    from fcn_cli.synthetic import generate_synthetic
+
+    _, run, _ = trained
+    other = tmp_path / "other"
+    generate_synthetic(other, count=4, size=(64, 64), seed=9)
+    before = (run / "config.json").read_text()
+    one_line_error(fcn("train", "--resume", run, "--data", other, "--epochs", "3"), f"--data {other}",
+                   "the run trained on 16")
+    assert (run / "config.json").read_text() == before
 
 
 def test_sigterm_commits_a_consistent_run_and_exits_143(data_dir, tmp_path):
@@ -220,9 +258,11 @@ def test_help_does_not_import_tensorflow():
 
 def test_precision_is_settled_before_tensorflow_starts(tmp_path):
     """oneDNN reads its ISA cap once, when TensorFlow starts: every step before the cap is set must stay TF-free."""
-    code = ("import sys, pathlib; from fcn_cli import cli, datasets, doctor, precision\n"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"epochs": 2, "precision": "auto"}')
+    code = ("import sys, pathlib; from fcn_cli import cli, datasets, doctor, precision, train\n"
             "datasets.require_data_folder(pathlib.Path('.'))\n"
-            "cli._resumed_precision(pathlib.Path('nowhere')); precision.candidates(); precision.fingerprint()\n"
+            "train.resume_config(pathlib.Path('run'), {'epochs': 3}); precision.candidates(); precision.fingerprint()\n"
             "cli._settle_precision('inference')\n"
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported too early'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

@@ -15,7 +15,7 @@ from PIL import Image
 from rich.console import Console
 
 from fcn_cli.errors import FcnError
-from helpers import fcn, one_line_error
+from helpers import documented_keys, fcn, one_line_error
 
 pytest.importorskip("tf2onnx", reason="ONNX export needs the export extra: pip install -e '.[export]'")
 pytest.importorskip("onnxruntime", reason="ONNX models run in onnxruntime: pip install -e '.[onnx]'")
@@ -185,6 +185,7 @@ def test_cli_export_reports_parity_in_json_and_refuses_int8_without_data(checkpo
     out = tmp_path / "cli.onnx"
     proc = fcn("export", "--model", checkpoint, "--format", "onnx", "-o", out, "--json", "-", check=0)
     report = json.loads(proc.stdout)
+    assert set(report) == documented_keys("fcn.export/1")
     assert report["parity"]["passed"] and report["path"] == str(out) and out.is_file()
     assert "parity over" in proc.stderr and "agree with Keras" in proc.stderr
     again = fcn("export", "--model", checkpoint, "--format", "tflite", "--quantize", "int8", "-o", tmp_path / "q.tflite")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import documented_keys
 
 from fcn_cli import precision
 from fcn_cli.precision import BF16, BF16_AMX, BF16_NO_AMX, FLOAT32
@@ -205,6 +206,7 @@ def test_doctor_prints_the_verdict_and_writes_json(tmp_path):
     again = subprocess.run([sys.executable, "-m", "fcn_cli", "doctor", "--json", "-"], capture_output=True,
                            text=True, env=env, timeout=60)
     assert json.loads(again.stdout)["precision"]["cached"] is True
+    assert set(data) == documented_keys("fcn.doctor/1") and data["schema"] == "fcn.doctor/1"
 
 
 def test_runaway_rule():
