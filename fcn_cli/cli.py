@@ -267,7 +267,7 @@ def train(
     eval_size: Annotated[Optional[str], typer.Option(metavar="HxW", help="HEIGHTxWIDTH that validation and `fcn predict/evaluate` resize photos to. Default: --image-size times the mean --scale zoom, rounded to multiples of 32, so objects look as large as in training.")] = None,
     backbone_weights: Annotated[str, typer.Option(metavar="imagenet|none|PATH", help="VGG-16 weights: 'imagenet' (downloaded once), 'none', or a Keras VGG16 .h5 PATH.")] = "imagenet",
     width: Annotated[float, typer.Option(min=0.01, help="Scale every VGG channel count (1.0 = VGG-16; <1 for small models, needs --backbone-weights none).")] = 1.0,
-    head_width: Annotated[int, typer.Option(min=1, help="Filters of conv6/conv7 (4096 in the paper).")] = 4096,
+    head_width: Annotated[int, typer.Option(min=1, help="Filters of conv6/conv7 (4096 in the paper; pretrained fc6/fc7 load only at 4096, a narrower head starts random on the pretrained encoder).")] = 4096,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's matching layers (staged training fcn32 -> fcn16 -> fcn8).")] = None,
     class_weights: Annotated[ClassWeights, typer.Option(help="Loss weights per class: none, median (median-frequency balancing) or median-sqrt (its square root, milder).")] = ClassWeights.none,
     ignore_void: Annotated[bool, typer.Option(help="Ignore the void class in the loss (weight 0).")] = True,

@@ -53,9 +53,9 @@ def build_fcn(
     if width <= 0 or head_width < 1 or num_classes < 1:
         raise FcnError("--width must be > 0, --head-width >= 1 and the class count >= 1")
     weights = _normalize_weights_arg(backbone_weights)
-    if weights is not None and (width != 1.0 or head_width != 4096):
+    if weights is not None and width != 1.0:
         raise FcnError(
-            f"backbone weights {weights!s} need the full VGG-16 (--width 1.0 --head-width 4096); "
+            f"backbone weights {weights!s} need the full-width VGG-16 encoder (--width 1.0); "
             "use --backbone-weights none for a scaled-down model"
         )
 
@@ -182,9 +182,12 @@ def load_backbone_weights(model: keras.Model, weights) -> list[str]:
     """Load ImageNet VGG-16 weights into the encoder by layer name; with fc1/fc2, net surgery into conv6/conv7.
 
     ``weights`` is "imagenet" (keras.applications, cached in ~/.keras/models) or a path to a standard
-    Keras VGG16 .h5 file, with or without top. Returns the names of the layers that received weights.
+    Keras VGG16 .h5 file, with or without top. fc6/fc7 come from fc1/fc2 only for the paper's 4096-wide
+    head; a narrower head (--head-width) starts random on the pretrained encoder. Returns the names of
+    the layers that received weights.
     """
-    vgg = _reference_vgg16(weights)
+    paper_head = model.get_layer("conv7").filters == 4096
+    vgg = _reference_vgg16(weights, top=paper_head)
     loaded = []
     for block, convs, _ in VGG16_BLOCKS:
         for i in range(1, convs + 1):
@@ -192,7 +195,7 @@ def load_backbone_weights(model: keras.Model, weights) -> list[str]:
             model.get_layer(name).set_weights(vgg.get_layer(name).get_weights())
             loaded.append(name)
     names = {layer.name for layer in vgg.layers}
-    if {"fc1", "fc2"} <= names:
+    if paper_head and {"fc1", "fc2"} <= names:
         loaded += net_surgery(vgg, model)
     return loaded
 
@@ -207,13 +210,14 @@ def net_surgery(vgg: keras.Model, model: keras.Model) -> list[str]:
     return ["conv6", "conv7"]
 
 
-def _reference_vgg16(weights) -> keras.Model:
+def _reference_vgg16(weights, top: bool = True) -> keras.Model:
     from keras.applications import VGG16
 
     if weights == "imagenet":
         try:
-            # With top: fc6/fc7 start from ImageNet as in the paper (553 MB download, cached once).
-            return VGG16(include_top=True, weights="imagenet")
+            # With top: fc6/fc7 start from ImageNet as in the paper (553 MB download, cached once);
+            # a narrower head takes the encoder only (58 MB).
+            return VGG16(include_top=top, weights="imagenet")
         except Exception as exc:  # no network, proxy, interrupted download...
             raise FcnError(
                 f"cannot get the ImageNet VGG-16 weights ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "

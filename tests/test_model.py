@@ -93,6 +93,10 @@ def test_net_surgery_from_a_with_top_legacy_h5(tmp_path):
     # Reshape order check, independent of numpy's reshape: fc1 row index = (h * 7 + w) * 512 + c.
     h, w, c, o = 3, 5, 17, 101
     assert conv6_w[h, w, c, o] == fc1_w[(h * 7 + w) * 512 + c, o]
+    # A narrower head (the CamVid recipes' 1024) takes the pretrained encoder; fc6/fc7 start random.
+    narrow = build_fcn("fcn8", backbone_weights=str(path), head_width=64)
+    np.testing.assert_array_equal(narrow.get_layer("block5_conv3").get_weights()[0], vgg.get_layer("block5_conv3").get_weights()[0])
+    assert narrow.get_layer("conv6").get_weights()[0].shape == (7, 7, 512, 64)
 
 
 def _bilinear_reference(x: np.ndarray, factor: int) -> np.ndarray:
