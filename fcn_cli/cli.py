@@ -383,9 +383,9 @@ def evaluate(
 ):
     """Score a checkpoint on a split at each annotation's own resolution (void ignored); the report goes beside the checkpoint."""
     _output(quiet, verbose, json_out)
+    options = parse_tta(tta, flip_tta)  # flags first, then files
     if not data.exists():
         raise FcnError(f"{data}: data folder not found; pass --data DIR (see `fcn data --help`)")
-    options = parse_tta(tta, flip_tta)
     path, size = _inference_checkpoint(model, models_dir, image_size, mode)
     from fcn_cli.evaluate import evaluate as run_evaluation
 
