@@ -92,7 +92,6 @@ ClassesOption = Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)]
 ModeOption = Annotated[Mode, typer.Option(help=MODE_HELP)]
 BatchOption = Annotated[int, typer.Option(min=1, help="Images per forward pass.")]
 ModelsDirOption = Annotated[Path, typer.Option("--models-dir", help="Where the stable links live (the --out of fcn train).")]
-FlipOption = Annotated[bool, typer.Option("--flip-tta", help="Average each image's logits with its mirror image's (2x compute).")]
 SizeOption = Annotated[Optional[str], typer.Option(metavar="HxW", help=SIZE_HELP)]
 TtaOption = Annotated[Optional[list[str]], typer.Option(
     "--tta", metavar="flip|scales=S,S,...",
@@ -116,26 +115,38 @@ class _Output:
 
 
 def _output(quiet: bool, verbose: bool, json_out: str | None = None) -> None:
+    """Set how this command talks, after checking --json's target: before the work, not after it."""
     if quiet and verbose:
         raise FcnError("--quiet and --verbose: give one")
+    if json_out and json_out != "-":
+        _check_json_target(Path(json_out))
     _Output.quiet, _Output.verbose, _Output.json_stdout = quiet, verbose, json_out == "-"
+
+
+def _check_json_target(path: Path) -> None:
+    from fcn_cli.runs import ensure_writable_folder
+
+    if path.is_dir():
+        raise FcnError(f"--json {path}: is a folder; give a file name (report.json) or - for stdout")
+    if path.exists() and path.suffix.lower() != ".json":
+        raise FcnError(f"--json {path}: exists and is not a .json report; give a .json path or - for stdout")
+    ensure_writable_folder(path.parent, "folder for --json", "choose a writable --json path")
 
 
 def _write_json(report: dict, target: str | None) -> None:
     """The report of --json: to stdout for '-', else atomically to the file."""
     if not target:
         return
-    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    from fcn_cli.images import atomic_write_bytes
+    if target != "-":
+        from fcn_cli.runs import write_json
 
+        write_json(Path(target), report, "free disk space or choose a writable --json path")
+        return
     try:
-        atomic_write_bytes(Path(target), text.encode())
-    except OSError as exc:
-        raise errors.write_error(target, exc, "choose a writable --json path") from None
+        sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `fcn ... --json - | head`: the reader left; that is not fcn's failure
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def parse_tta(values: list[str] | None, flip_tta: bool = False) -> dict:
@@ -283,7 +294,7 @@ def train(
     time_limit: Annotated[Optional[float], typer.Option(min=0.1, help="Stop after the last epoch that fits in this many minutes (the run stays resumable).")] = None,
     checkpoint_overhead: Annotated[float, typer.Option(min=0.0, max=1.0, help="Largest share of the run's time spent writing checkpoints: epochs between commits are spaced to keep within it (the first and last epoch, a time-limit stop and Ctrl-C always write). 1 = write every epoch.")] = 0.02,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch, with its own settings; only --epochs, --time-limit, --checkpoint-overhead, --data (moved data) and --tensorboard may change.")] = None,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write TensorBoard logs into the run folder: loss, validation scores, learning rate, per-class IoU and validation masks per epoch (`tensorboard --logdir models/`).")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Write TensorBoard logs into the run folder: loss, validation scores, learning rate, per-class IoU and validation masks per epoch (`tensorboard --logdir models/`).")] = False,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ):
@@ -340,11 +351,22 @@ def _resumed_config(ctx: typer.Context, resume: Path):
     given = {name for name in ctx.params
              if name not in _OUTPUT_FLAGS | {"resume"}
              and getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
-    values = {name: ctx.params[name] for name in given}
-    if "data" in values:
-        values["data"] = str(values["data"])
     flags = {p.name: p.opts[0] for p in ctx.command.params}
+    values = {name: _config_value(name, ctx.params[name], flags[name]) for name in given}
     return resume_config(resume, values, flag=lambda name: flags.get(name, name))
+
+
+def _config_value(name: str, value, flag: str):
+    """A flag's value as config.json stores it, so that re-giving a run's own value is no change."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if name in ("image_size", "eval_size") and value:
+        return list(parse_size(value, flag))
+    if name == "scale":
+        return list(parse_range(value, flag))
+    return value
 
 
 def _print_train_summary(console, result) -> None:
@@ -417,6 +439,9 @@ def predict(
     """Write colourized 12-class masks for images of any size, or for a video."""
     _output(quiet, verbose, json_out)
     options = parse_tta(tta, flip_tta)
+    from fcn_cli.predict import check_video_request
+
+    check_video_request(inputs, output, overlay, legend, raw, overwrite)  # a video's refusals: before TensorFlow
     path, size = _inference_checkpoint(model, models_dir, image_size, mode)
     from fcn_cli.predict import predict as run_prediction
 
@@ -468,11 +493,10 @@ def export_command(
     line = (f"parity over {parity['images']} images: {parity['agreement']:.4%} of pixels agree with Keras{diff} "
             f"(needed {parity['threshold']:.1%})")
     _write_json(report, json_out)
-    target = _console()
     if not parity["passed"]:
-        target.print(f"[red]parity failed[/]: {line}; nothing written to {out}", highlight=False)
+        _err_console().print(f"[red]parity failed[/]: {line}; nothing written to {out}")
         raise typer.Exit(errors.RUNTIME)
-    target.print(f"wrote {out} ({report['bytes'] / 2**20:.1f} MiB, {fmt}"
+    _console().print(f"wrote {out} ({report['bytes'] / 2**20:.1f} MiB, {fmt}"
                  f"{', ' + quantize if quantize != 'none' else ''}); {line}", highlight=False)
 
 
@@ -519,7 +543,7 @@ def data_check(
                      "classes_from": None, "classes": [], "problems": [{"path": str(directory), "message": line, "split": None}
                                                                        for line in problems]}, json_out)
         for line in problems:
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
+            _err_console().print(line, markup=False)
         if problems:
             raise typer.Exit(errors.PARTIAL)
         console.print(f"{directory}: every record of every shard reads")
@@ -528,7 +552,10 @@ def data_check(
     _write_json(report_json(report, table, directory), json_out)
     render_report(report, table, console)
     if not report.ok:
-        _err_console().print(f"{directory}: {len(report.problems)} problem(s) found; fix or remove the files listed above")
+        if _Output.quiet or _Output.json_stdout:  # the table above went nowhere or to the JSON: list them here
+            for problem in report.problems:
+                _err_console().print(str(problem), markup=False)
+        _err_console().print(f"{directory}: {len(report.problems)} problem(s) found; fix or remove the files listed")
         raise typer.Exit(errors.PARTIAL)
 
 
@@ -551,7 +578,7 @@ def data_download(
         raise FcnError(f"unknown data set {name!r}; available: camvid")
     kwargs = {"base_url": base_url} if base_url else {}
     result = download.download_camvid(dest, workers=workers, timeout=timeout, retries=retries, console=_console(), **kwargs)
-    _console().print(download.summary_line(result))
+    (_err_console() if result.failed else _console()).print(download.summary_line(result), markup=False)
     if result.failed:
         raise typer.Exit(errors.PARTIAL)
 

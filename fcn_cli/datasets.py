@@ -482,14 +482,19 @@ def render_report(report: CheckReport, classes: ClassTable, console) -> None:
         console.print("[bold green]no problems found[/]")
 
 
-def report_json(report: CheckReport, classes: ClassTable, directory: Path) -> dict:
-    """``fcn data check --json``: the same facts as the tables, schema ``fcn.data-check/1`` (docs/json.md)."""
+def _class_stats(report: CheckReport, classes: ClassTable):
+    """(the split the class figures come from, pixels per class, share, median-frequency weight)."""
     split = "train" if "train" in report.splits else next(iter(report.splits), None)
     stats = report.splits.get(split) if split else None
     zeros = np.zeros(classes.num_classes, np.int64)
     class_pixels, present = (stats.class_pixels, stats.present_pixels) if stats else (zeros, zeros)
-    weights = median_frequency_weights(class_pixels, present, classes.ignore_index)
     share = stats.class_share if stats else np.zeros(classes.num_classes)
+    return split, class_pixels, share, median_frequency_weights(class_pixels, present, classes.ignore_index)
+
+
+def report_json(report: CheckReport, classes: ClassTable, directory: Path) -> dict:
+    """``fcn data check --json``: the same facts as the tables, schema ``fcn.data-check/1`` (docs/json.md)."""
+    split, class_pixels, share, weights = _class_stats(report, classes)
     return {
         "schema": "fcn.data-check/1",
         "data": str(directory),
@@ -527,12 +532,7 @@ def _splits_table(report: CheckReport):
 def _classes_table(report: CheckReport, classes: ClassTable):
     from rich.table import Table
 
-    split = "train" if "train" in report.splits else next(iter(report.splits), None)
-    stats = report.splits.get(split) if split else None
-    zeros = np.zeros(classes.num_classes, np.int64)
-    class_pixels, present = (stats.class_pixels, stats.present_pixels) if stats else (zeros, zeros)
-    share = stats.class_share if stats else np.zeros(classes.num_classes)
-    weights = median_frequency_weights(class_pixels, present, classes.ignore_index)
+    split, _, share, weights = _class_stats(report, classes)
     table = Table(title="classes")
     table.add_column("#", justify="right")
     table.add_column("name")

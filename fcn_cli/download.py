@@ -43,7 +43,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from fcn_cli.errors import FcnError
+from fcn_cli.errors import FcnError, write_error
 from fcn_cli.images import atomic_write_bytes
 
 SEGNET_COMMIT = "bb68b64e72cb004b3ed927fee0f5624dd8097498"
@@ -233,7 +233,7 @@ class _Downloader:
         self.lock = threading.Lock()
         self.abort = threading.Event()
         self.abort_reason: str | None = None
-        self.write_error: str | None = None
+        self.write_error: FcnError | None = None  # the first failed write: it stops the download
         self.connection_streak = 0
         # Abort the pool after this many connection-level failures in a row with no HTTP answer between.
         self.abort_after = max(8, 2 * workers)
@@ -333,10 +333,9 @@ class _Downloader:
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(target, data)
         except OSError as exc:
-            raise _WriteFailed(
-                f"{target}: cannot write ({exc.strerror or exc}); check that {self.dest} is writable and has "
-                "space, then run the same command again to resume"
-            ) from None
+            raise _WriteFailed(write_error(
+                target, exc, f"check that {self.dest} is writable and has space, then run the same command again to resume"
+            )) from None
 
     def run_entry(self, entry: ManifestEntry, probe: bool = False) -> None:
         if self.abort.is_set():
@@ -348,7 +347,7 @@ class _Downloader:
         except _WriteFailed as exc:
             with self.lock:
                 if self.write_error is None:
-                    self.write_error = str(exc)
+                    self.write_error = exc.args[0]
                 self.abort.set()
             return
         except Exception as exc:  # one odd file must not end the whole download with a traceback
@@ -490,7 +489,7 @@ def download_camvid(
                 pool.shutdown(wait=True, cancel_futures=True)
 
     if dl.write_error:
-        raise FcnError(dl.write_error)
+        raise dl.write_error
     if dl.abort_reason is not None:
         raise FcnError(
             _unreachable_message(

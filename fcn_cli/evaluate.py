@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fcn_cli.errors import FcnError
+from fcn_cli.errors import FcnError, write_error
 
 SCHEMA = "fcn.evaluate/1"  # the report's layout; bumped when a key changes meaning or goes away
 
@@ -35,7 +35,7 @@ def output_paths(model_path: str | Path, split: str, json_path: str | Path | Non
 
 def _check_writable(files: dict[str, Path], given: bool) -> None:
     folder = files["json"].parent
-    hint = "choose another --json path" if given else "pass --json PATH to write the report elsewhere"
+    hint = "choose another --out path" if given else "pass --out PATH to write the report elsewhere"
     if files["json"].is_dir():
         raise FcnError(f"{files['json']}: is a folder; give a file name for the JSON report")
     from fcn_cli.runs import ensure_writable_folder
@@ -152,9 +152,7 @@ def evaluate(
         metrics.write_confusion_csv(matrix, classes.names, files["confusion_csv"])
         metrics.plot_confusion(matrix, classes.names, files["confusion_png"])
     except OSError as exc:
-        raise FcnError(
-            f"{files['json'].parent}: cannot write the confusion files ({exc.strerror or exc}); choose another --json path"
-        ) from None
+        raise write_error(files["confusion_csv"], exc, "choose another --out path") from None
     write_json(files["json"], result)
 
     console.print(metrics.metrics_table(summary, classes.names, classes.ignore_index))

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from fcn_cli.errors import FcnError, TrainingFailed
+from fcn_cli.errors import FcnError, RuntimeFailure, TrainingFailed
 from fcn_cli.train import Resumed, TrainConfig, TrainResult
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -188,7 +188,7 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
                 )
         except _peer_errors() as exc:
             progress.stop()
-            raise FcnError(
+            raise RuntimeFailure(
                 f"a worker stopped answering ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); the last "
                 f"finished epoch is in {run.path if run.is_chief else 'the chief run folder'}; restart every worker "
                 f"with `fcn train --resume RUN_FOLDER`"

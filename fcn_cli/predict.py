@@ -42,7 +42,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from fcn_cli import images
 from fcn_cli.classes import ClassTable
-from fcn_cli.errors import FcnError
+from fcn_cli.errors import FcnError, RuntimeFailure, write_error
 
 SOFTWARE_TAG = "fcn predict"
 DEFAULT_OUTPUT = Path("predictions")
@@ -116,9 +116,7 @@ def write_tagged_png(path: str | Path, array: np.ndarray, palette: np.ndarray | 
         path.parent.mkdir(parents=True, exist_ok=True)
         images.atomic_write_bytes(path, buf.getvalue())
     except OSError as exc:
-        raise FcnError(
-            f"{path}: cannot write ({exc.strerror or exc}); check the folder is writable and has space"
-        ) from None
+        raise write_error(path, exc, "check the folder is writable and has space") from None
 
 
 def is_own_output(path: str | Path) -> bool:
@@ -324,6 +322,7 @@ def predict(
     from rich.markup import escape
 
     console = console or Console()
+    failures = failure_console()
     started = time.perf_counter()
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
@@ -349,7 +348,7 @@ def predict(
         )
     result = PredictResult(failed=list(missing), skipped=skipped)
     for _, message in missing:
-        console.print(f"[red]skipped[/] {escape(message)}", highlight=False)
+        failures.print(f"[red]skipped[/] {escape(message)}", highlight=False)
     if skipped:
         console.print(f"left out {len(skipped)} PNG(s) written by an earlier fcn predict run", highlight=False)
 
@@ -364,14 +363,14 @@ def predict(
         )
         if reason:
             result.failed.append((job.source, reason))
-            console.print(f"[red]skipped[/] {escape(reason)}", highlight=False)
+            failures.print(f"[red]skipped[/] {escape(reason)}", highlight=False)
         else:
             runnable.append(job)
     if legend_path is not None:
         reason = _refusal(legend_path, input_set, overwrite)
         if reason:
             result.failed.append((legend_path, reason))
-            console.print(f"[red]skipped[/] {escape(reason)}", highlight=False)
+            failures.print(f"[red]skipped[/] {escape(reason)}", highlight=False)
             legend_path = None
 
     if runnable:
@@ -383,7 +382,7 @@ def predict(
                 result.legend = legend_path
             except FcnError as exc:
                 result.failed.append((legend_path, str(exc)))
-                console.print(f"[red]skipped[/] {escape(str(exc))}", highlight=False)
+                failures.print(f"[red]skipped[/] {escape(str(exc))}", highlight=False)
 
     result.seconds = time.perf_counter() - started
     extras = []
@@ -403,6 +402,16 @@ def predict(
         line += f"; {len(result.failed)} failed (listed above)"
     console.print(escape(line), highlight=False, style="red" if result.failed else None)
     return result
+
+
+def check_video_request(inputs: Sequence[str], output, overlay: bool, legend: bool, raw: bool, overwrite: bool) -> None:
+    """When ``inputs`` name a video: every refusal that needs neither the model nor decoding, now (the CLI
+    calls this before TensorFlow starts)."""
+    clip = _one_video(inputs)
+    if clip is not None:
+        from fcn_cli.video import video_targets
+
+        video_targets(clip, output, overlay, legend, raw, overwrite)
 
 
 def _one_video(inputs: Sequence[str]) -> Path | None:
@@ -431,8 +440,16 @@ def _one_video(inputs: Sequence[str]) -> Path | None:
     return videos[0]
 
 
+def failure_console():
+    """Where a skipped input is reported: stderr, and not silenced by --quiet (it is an error)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
 def _run(jobs, model_path, classes_file, mode, raw, batch_size, console, workers, result, size, options) -> ClassTable:
     """Load the model, predict every job, write its files; record outcomes in ``result``; the classes."""
+    failures = failure_console()
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -460,6 +477,8 @@ def _run(jobs, model_path, classes_file, mode, raw, batch_size, console, workers
             if job.overlay is not None:
                 write_tagged_png(job.overlay, overlay_image(photo, colour))
             outcomes[index] = ([job.mask], job.overlay, None)
+        except RuntimeFailure:
+            raise  # a full disk fails every photo after it: stop the run (exit 3), do not list them all
         except FcnError as exc:
             outcomes[index] = ([], None, str(exc))
 
@@ -475,7 +494,7 @@ def _run(jobs, model_path, classes_file, mode, raw, batch_size, console, workers
             for index, job, image, error in _read_ahead(readers, jobs, lookahead=batch_size * 2 + workers):
                 if error is not None:
                     outcomes[index] = ([], None, error)
-                    progress.console.print(f"[red]skipped[/] {escape(error)}", highlight=False)
+                    failures.print(f"[red]skipped[/] {escape(error)}", highlight=False)
                     progress.advance(task)
                     continue
                 yield (index, job, image), image  # the key carries the photo on, for the overlay

@@ -1,7 +1,7 @@
 """The README's command reference, generated from the Typer app itself so it cannot drift from the code.
 
 ``python -m fcn_cli.reference`` prints it; ``python -m fcn_cli.reference --write README.md`` replaces the
-block between the two markers below (``make docs`` does that); ``tests/test_reference.py`` fails when
+block between the two markers below (``make docs`` does that); ``tests/test_conventions.py`` fails when
 the README's block differs from what this module generates.
 """
 

@@ -34,11 +34,11 @@ META_ENTRY = "fcn.json"
 LOG_FIELDS = ("epoch", "loss", "val_loss", "val_pixel_accuracy", "val_miou", "lr", "seconds", "images_per_s")
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes, fix: str = "free disk space or choose a writable --out") -> None:
     try:
         atomic_write_bytes(path, data)
     except OSError as exc:
-        raise write_error(path, exc, "free disk space or choose a writable --out") from None
+        raise write_error(path, exc, fix) from None
 
 
 def ensure_writable_folder(folder: Path, what: str, fix: str) -> None:
@@ -52,8 +52,8 @@ def ensure_writable_folder(folder: Path, what: str, fix: str) -> None:
         raise FcnError(f"{folder}: {what} is not writable; {fix}")
 
 
-def write_json(path: Path, data: dict) -> None:
-    _write(Path(path), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: Path, data: dict, fix: str = "free disk space or choose a writable --out") -> None:
+    _write(Path(path), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), fix)
 
 
 def read_json(path: Path) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fcn_cli.errors import FcnError
+from fcn_cli.errors import FcnError, write_error
 from fcn_cli.images import atomic_write_bytes, write_png
 
 SKY, BUILDING, POLE, ROAD, SIDEWALK, VEGETATION, SIGN, FENCE, VEHICLE, PEDESTRIAN, BICYCLIST, VOID = range(12)
@@ -57,7 +57,7 @@ def generate_synthetic(
         _remove_stale(dest, previous, written)
         _write_marker(dest, params, complete=True)
     except OSError as exc:
-        raise FcnError(f"{dest}: cannot write the synthetic set ({exc}); check it is writable and has space") from None
+        raise write_error(dest, exc, "check it is writable and has space") from None
     return counts
 
 

@@ -98,10 +98,12 @@ def checkpoint_meta(cfg: TrainConfig, classes, precision: str, epoch: int, val_m
 
 
 
-def _record_resume(run, cfg: TrainConfig, data) -> None:
-    """Check that moved data is the same data, then store what changed, so the next --resume continues
-    from today's settings rather than the first run's."""
-    saved = run.read_config()
+def _record_resume(folder: Path, run, cfg: TrainConfig, data) -> None:
+    """Check that moved data is the same data, then store what changed (the chief: a worker's RunFolder is
+    its own temporary folder), so the next --resume continues from today's settings, not the first run's."""
+    from fcn_cli.runs import RunFolder
+
+    saved = RunFolder(folder).read_config()
     if cfg.data != saved.get("data") and (data.n_train, data.n_val) != (saved.get("train_pairs"), saved.get("val_pairs")):
         raise FcnError(
             f"--data {cfg.data}: {data.n_train} training and {data.n_val} validation pairs, but the run trained on "
@@ -109,7 +111,7 @@ def _record_resume(run, cfg: TrainConfig, data) -> None:
             "it started with, or start a new run"
         )
     changed = {name: getattr(cfg, name) for name in RESUMABLE if saved.get(name) != getattr(cfg, name)}
-    if changed:
+    if changed and run.is_chief:
         run.write_config({**saved, **changed})
 
 
@@ -137,22 +139,24 @@ RESUMABLE = ("epochs", "time_limit", "checkpoint_overhead", "data", "tensorboard
 
 
 def resume_config(folder: Path, changes: dict, flag=lambda name: "--" + name.replace("_", "-")) -> TrainConfig:
-    """The configuration a run folder continues with: its own, with ``changes`` (RESUMABLE keys only)
-    applied; any other key is refused in one line naming ``flag(key)`` and the value the run keeps."""
+    """The configuration a run folder continues with: its own, with the RESUMABLE keys of ``changes`` (values
+    in config.json's form) applied; another key whose value differs from the run's is refused in one line
+    naming ``flag(key)`` and the value the run keeps."""
     from fcn_cli.runs import RunFolder
 
     saved = RunFolder(Path(folder)).read_config()
     for name, value in changes.items():
-        if name not in RESUMABLE:
-            stored = saved.get(name, TrainConfig.__dataclass_fields__[name].default
-                               if name in TrainConfig.__dataclass_fields__ else None)
+        stored = saved.get(name, TrainConfig.__dataclass_fields__[name].default
+                           if name in TrainConfig.__dataclass_fields__ else None)
+        # A requeued job re-issues its whole command line: the values the run already has are no change.
+        if name not in RESUMABLE and value != stored:
             allowed = ", ".join(flag(n) for n in RESUMABLE)
             raise FcnError(
                 f"{flag(name)}: a resumed run keeps its own settings ({name} = {json.dumps(stored)} in "
                 f"{Path(folder) / 'config.json'}); only {allowed} may change on --resume. Drop {flag(name)}, or "
                 f"start a new run from its weights with --init-from {Path(folder) / 'last.keras'}"
             )
-    return TrainConfig.from_json({**saved, **changes})
+    return TrainConfig.from_json({**saved, **{k: v for k, v in changes.items() if k in RESUMABLE}})
 
 
 @dataclass
@@ -215,7 +219,7 @@ def train(cfg: TrainConfig, console=None, resume: str | None = None) -> TrainRes
 
     run = RunFolder.open(resume, chief) if resume else RunFolder.create(Path(cfg.out), cfg.variant, chief)
     if resume:
-        _record_resume(run, cfg, data)
+        _record_resume(Path(resume), run, cfg, data)
     try:
         return fit_run(cfg, data, run, strategy, strategy_desc, precision, console,
                        resumed_run(resume) if resume else None)

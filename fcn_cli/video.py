@@ -23,6 +23,7 @@ never.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import time
@@ -283,6 +284,35 @@ def _check_target(target: Path, source: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------- the command
 
 
+def video_targets(source: Path, output, overlay: bool, legend: bool, raw: bool, overwrite: bool):
+    """(mask video, overlay video or None, legend PNG or None) for ``source``, after every refusal that
+    needs no decoding: --raw, the output names, imageio missing. Cheap: the CLI calls it before TensorFlow
+    starts."""
+    from fcn_cli.predict import LEGEND_NAME, _refusal
+
+    if raw:
+        raise FcnError(f"{source}: --raw writes class indices, which lossy video codecs would change; drop --raw "
+                       "for a colour mask video, or predict the frames as PNG files")
+    mask = mask_path(source, output)
+    over = overlay_path(mask) if overlay else None
+    for target in (mask, over):
+        if target is not None:
+            _check_target(target, source, overwrite)
+    legend_file = mask.parent / LEGEND_NAME if legend else None
+    if legend_file is not None and (reason := _refusal(legend_file, {source.resolve()}, overwrite)):
+        raise FcnError(reason)
+    if not (_installed("imageio") and _installed("imageio_ffmpeg")):
+        raise FcnError(f"video needs imageio and imageio-ffmpeg, which are not installed; {INSTALL_HINT}")
+    return mask, over, legend_file
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # sys.modules[name] is None: its import is blocked
+        return False
+
+
 def predict_video(
     source: str | Path,
     output: str | Path | None,
@@ -305,22 +335,12 @@ def predict_video(
     from rich.console import Console
     from rich.markup import escape
 
-    from fcn_cli.predict import LEGEND_NAME, PredictResult, _refusal, legend_image, write_tagged_png
+    from fcn_cli.predict import PredictResult, legend_image, write_tagged_png
 
     console = console or Console()
     started = time.perf_counter()
     source = Path(source)
-    if raw:
-        raise FcnError(f"{source}: --raw writes class indices, which lossy video codecs would change; drop --raw "
-                       "for a colour mask video, or predict the frames as PNG files")
-    mask = mask_path(source, output)
-    over = overlay_path(mask) if overlay else None
-    for target in (mask, over):
-        if target is not None:
-            _check_target(target, source, overwrite)
-    legend_file = mask.parent / LEGEND_NAME if legend else None
-    if legend_file is not None and (reason := _refusal(legend_file, {source.resolve()}, overwrite)):
-        raise FcnError(reason)
+    mask, over, legend_file = video_targets(source, output, overlay, legend, raw, overwrite)
 
     result = PredictResult(output=mask)
     with open_video(source) as (info, frames):

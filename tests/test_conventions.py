@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import json
 import os
 import re
 import subprocess
@@ -80,12 +81,33 @@ def test_every_command_takes_quiet_and_verbose():
     assert not lacking, lacking
 
 
+def _essence(markdown: str) -> list[str]:
+    """Headings, flag names and help texts of a reference: what it says, not how this Typer version spells
+    metavars (`<int range>`, `INTEGER RANGE`) or defaults."""
+    lines = []
+    for line in markdown.splitlines():
+        if line.startswith("| `"):
+            flag, help_text = line[3:].split("` | ", 1)
+            names = [w for w in re.split(r"[ ,/]+", flag) if w.startswith("-") or w.isupper()]
+            lines.append(" ".join(names) + " :: " + help_text.split(" [")[0].rstrip(" |"))
+        elif line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
 def test_readme_command_reference_is_the_generated_one():
-    """README's reference is generated from the Typer app (make docs); any drift fails here."""
+    """README's reference is generated from the Typer app (make docs); any drift in a command, a flag or a
+    help text fails here."""
     readme = (ROOT / "README.md").read_text()
     assert reference.START in readme and reference.END in readme
-    block = reference.START + readme.split(reference.START, 1)[1].split(reference.END, 1)[0] + reference.END + "\n"
-    assert block == reference.markdown(), "README's command reference is stale: run `make docs`"
+    block = readme.split(reference.START, 1)[1].split(reference.END, 1)[0]
+    assert _essence(block) == _essence(reference.markdown()), "README's command reference is stale: run `make docs`"
+
+
+def test_the_reference_check_sees_a_changed_help_text():
+    text = reference.markdown()
+    row = next(line for line in text.splitlines() if line.startswith("| `--epochs"))
+    assert _essence(text) != _essence(text.replace(row, row.replace("Epochs", "Rounds")))
 
 
 def test_reference_lists_every_command_and_flag_once():
@@ -106,7 +128,7 @@ def test_version_names_the_libraries_and_the_verdict_without_tensorflow(tmp_path
     env = {**os.environ, "FCN_CACHE_DIR": str(tmp_path)}  # an empty cache: nothing probed yet
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     line = proc.stdout.strip()
-    assert line.startswith("fcn-cli ") and "keras " in line and "tensorflow" in line, line
+    assert re.match(r"fcn-cli \S+; tensorflow 2\.\d+\S*, keras 3\.\d+\S*, python 3\.", line), line
     assert "not probed on this machine yet" in line and "fcn doctor" in line, line
 
 
@@ -141,9 +163,9 @@ def test_a_full_disk_is_a_runtime_failure_and_a_wrong_folder_a_usage_error(code,
 
 
 def test_a_full_disk_during_a_write_exits_3_in_one_line(tmp_path):
-    code = ("import errno, sys\nfrom fcn_cli import cli, images\n"
+    code = ("import errno, sys\nfrom fcn_cli import cli, runs\n"
             "def full(path, data):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "images.atomic_write_bytes = full\n"
+            "runs.atomic_write_bytes = full\n"
             f"sys.argv = ['fcn', 'doctor', '--json', {str(tmp_path / 'd.json')!r}]\ncli.main()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     one_line_error(proc, "d.json", "No space left on device", code=3)
@@ -165,3 +187,52 @@ def test_usage_error_exits_2_and_internal_error_exits_3_with_the_traceback_on_ve
 def test_download_takes_the_timeout_and_retries_its_messages_name(tmp_path):
     one_line_error(fcn("data", "download", "camvid", "--dir", tmp_path / "c", "--timeout", "0"), "--timeout", code=2)
     one_line_error(fcn("data", "download", "camvid", "--dir", tmp_path / "c", "--retries", "-1"), "--retries", code=2)
+
+
+def _run_folder(tmp_path: Path, **config) -> Path:
+    folder = tmp_path / "fcn8-run"
+    folder.mkdir()
+    saved = {"data": "data/camvid", "lr": 0.001, "epochs": 2, "variant": "fcn8", "image_size": [64, 64],
+             "scale": [1.0, 1.0], "train_pairs": 16, "val_pairs": 4, **config}
+    (folder / "config.json").write_text(json.dumps(saved))
+    return folder
+
+
+def test_resume_takes_a_runs_own_values_again_and_refuses_others(tmp_path):
+    """A requeued job re-issues its whole command line with --resume: the run's own values are no change."""
+    from fcn_cli.cli import _config_value
+    from fcn_cli.train import resume_config
+
+    folder = _run_folder(tmp_path)
+    same = {"lr": 0.001, "variant": "fcn8", "image_size": _config_value("image_size", "64x64", "--image-size"),
+            "scale": _config_value("scale", "1,1", "--scale"), "epochs": 5}
+    assert resume_config(folder, same).epochs == 5
+    with pytest.raises(errors.FcnError, match=r"--image-size: a resumed run keeps its own settings \(image_size = \[64, 64\]"):
+        resume_config(folder, {"image_size": [96, 96]}, flag=lambda name: "--" + name.replace("_", "-"))
+
+
+def test_a_resumed_worker_reads_the_run_folder_and_only_the_chief_writes_it(tmp_path):
+    from types import SimpleNamespace
+
+    from fcn_cli.runs import RunFolder
+    from fcn_cli.train import _record_resume, resume_config
+
+    folder = _run_folder(tmp_path)
+    cfg = resume_config(folder, {"epochs": 6})
+    data = SimpleNamespace(n_train=16, n_val=4)
+    worker = RunFolder.open(folder, is_chief=False)  # its own temporary folder, as in a multi-worker run
+    try:
+        _record_resume(folder, worker, cfg, data)
+    finally:
+        worker.close()
+    assert json.loads((folder / "config.json").read_text())["epochs"] == 2
+    _record_resume(folder, RunFolder.open(folder), cfg, data)
+    assert json.loads((folder / "config.json").read_text())["epochs"] == 6
+
+
+def test_json_target_is_checked_before_the_work(tmp_path):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"precious")
+    one_line_error(fcn("doctor", "--json", photo), "--json", "not a .json report")
+    assert photo.read_bytes() == b"precious"
+    one_line_error(fcn("doctor", "--json", tmp_path), "is a folder")

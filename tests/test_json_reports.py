@@ -70,3 +70,7 @@ def test_predict_summary_json(checkpoint, tmp_path):
     assert [p.endswith("street.png") for p in report["written"]] == [True]
     assert [f["input"].endswith("bad.png") for f in report["failed"]] == [True]
     assert report["frames"] is None and "wrote 1" in proc.stderr
+    # --quiet: the JSON, and on stderr the one failure (an error is never silenced), nothing else.
+    quiet = fcn("predict", photo, bad, "-o", tmp_path / "masks", "--model", checkpoint, "--json", "-", "-q", check=1)
+    assert json.loads(quiet.stdout)["failed"] and [line for line in quiet.stderr.splitlines() if line.strip()] == [
+        next(line for line in proc.stderr.splitlines() if "skipped" in line)]
