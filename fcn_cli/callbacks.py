@@ -310,7 +310,8 @@ class RichProgress(_keras_callback_base()):
             return
         loss, rate = self._train
         self.console.print(f"epoch {epoch + 1}/{self.epochs}  loss {logs.get('loss', loss):.4f}  {rate:.2f} img/s  "
-                           f"{time.perf_counter() - self._t0:.0f} s  {scores}", highlight=False)
+                           f"{time.perf_counter() - self._t0:.0f} s  {scores}", highlight=False,
+                           soft_wrap=True)  # a log line stays one line, whatever width rich assumes off a terminal
 
     def stop(self):
         if self.progress is not None:

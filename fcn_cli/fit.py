@@ -212,7 +212,7 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
             else:
                 recorder.commit_mid_epoch(model)
                 console.print(f"[yellow]interrupted[/] ({interrupted}): saved {run.last}; "
-                              f"continue with `fcn train --resume {run.path}`")
+                              f"continue with `fcn train --resume {run.path}`", soft_wrap=True)
     progress.stop()
     if recorder.diverged:
         epoch, loss, *why = recorder.diverged

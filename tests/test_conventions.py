@@ -236,3 +236,21 @@ def test_json_target_is_checked_before_the_work(tmp_path):
     one_line_error(fcn("doctor", "--json", photo), "--json", "not a .json report")
     assert photo.read_bytes() == b"precious"
     one_line_error(fcn("doctor", "--json", tmp_path), "is a folder")
+
+
+def test_off_a_terminal_each_epoch_is_one_unwrapped_line():
+    """CI logs and pipes: no bar redraws, and a line never wrapped at the 80 columns rich assumes there."""
+    import io
+
+    from rich.console import Console
+
+    from fcn_cli.callbacks import RichProgress
+
+    out = io.StringIO()
+    progress = RichProgress(Console(file=out, width=40, force_terminal=False), steps=2, batch_size=4, epochs=3)
+    progress.on_epoch_begin(0)
+    progress.on_train_batch_end(0, {"loss": 1.5})
+    progress.on_train_batch_end(1, {"loss": 1.25})
+    progress.on_epoch_end(0, {"loss": 1.25, "val_loss": 1.5, "val_pixel_accuracy": 0.5, "val_miou": 0.25})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/3  loss 1.2500") and lines[0].endswith("val mIoU 0.250")
