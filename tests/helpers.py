@@ -35,6 +35,21 @@ def fcn(*args, cwd=None, timeout=600, check=None, columns=400):
     return proc
 
 
+def predict_in_process(inputs, output, checkpoint, **kw):
+    """fcn_cli.predict.predict with its console captured: the PredictResult, with ``.log`` the text printed."""
+    import io
+
+    from rich.console import Console
+
+    from fcn_cli.predict import predict
+
+    console = Console(file=io.StringIO(), width=300)
+    result = predict([str(i) for i in inputs], None if output is None else str(output), checkpoint,
+                     console=console, **kw)
+    result.log = console.file.getvalue()
+    return result
+
+
 def documented_keys(schema: str) -> set[str]:
     """The top-level keys docs/json.md lists for ``schema`` (e.g. "fcn.evaluate/1")."""
     import re

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import predict_in_process
 from PIL import Image
-from rich.console import Console
 
 from fcn_cli import images
 from fcn_cli.classes import CAMVID
@@ -30,14 +29,7 @@ def _save(path: Path, array: np.ndarray | None = None, **kw) -> Path:
     return path
 
 
-def _predict(inputs, output, checkpoint, **kw):
-    from fcn_cli.predict import predict
-
-    console = Console(file=io.StringIO(), width=200)
-    result = predict([str(i) for i in inputs], None if output is None else str(output), checkpoint,
-                     console=console, **kw)
-    result.log = console.file.getvalue()
-    return result
+_predict = predict_in_process
 
 
 def _rgb(path: Path) -> np.ndarray:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fcn, hidden, one_line_error
-from rich.console import Console
+from helpers import fcn, hidden, one_line_error, predict_in_process
 
 from fcn_cli.classes import CAMVID
 from fcn_cli.errors import FcnError
@@ -62,14 +60,7 @@ def audio_clip(clip) -> Path:
     return path
 
 
-def _predict(inputs, output, checkpoint, **kw):
-    from fcn_cli.predict import predict
-
-    console = Console(file=io.StringIO(), width=300)
-    result = predict([str(i) for i in inputs], None if output is None else str(output), checkpoint,
-                     console=console, **kw)
-    result.log = console.file.getvalue()
-    return result
+_predict = predict_in_process
 
 
 def _palette_distance(frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
