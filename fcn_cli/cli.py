@@ -494,7 +494,7 @@ def export_command(
             f"(needed {parity['threshold']:.1%})")
     _write_json(report, json_out)
     if not parity["passed"]:
-        _err_console().print(f"[red]parity failed[/]: {line}; nothing written to {out}")
+        errors.error_console().print(f"[red]parity failed[/]: {line}; nothing written to {out}")
         raise typer.Exit(errors.RUNTIME)
     _console().print(f"wrote {out} ({report['bytes'] / 2**20:.1f} MiB, {fmt}"
                  f"{', ' + quantize if quantize != 'none' else ''}); {line}", highlight=False)
@@ -543,7 +543,7 @@ def data_check(
                      "classes_from": None, "classes": [], "problems": [{"path": str(directory), "message": line, "split": None}
                                                                        for line in problems]}, json_out)
         for line in problems:
-            _err_console().print(line, markup=False)
+            errors.error_console().print(line, markup=False)
         if problems:
             raise typer.Exit(errors.PARTIAL)
         console.print(f"{directory}: every record of every shard reads")
@@ -554,8 +554,8 @@ def data_check(
     if not report.ok:
         if _Output.quiet or _Output.json_stdout:  # the table above went nowhere or to the JSON: list them here
             for problem in report.problems:
-                _err_console().print(str(problem), markup=False)
-        _err_console().print(f"{directory}: {len(report.problems)} problem(s) found; fix or remove the files listed")
+                errors.error_console().print(str(problem), markup=False)
+        errors.error_console().print(f"{directory}: {len(report.problems)} problem(s) found; fix or remove the files listed")
         raise typer.Exit(errors.PARTIAL)
 
 
@@ -578,7 +578,7 @@ def data_download(
         raise FcnError(f"unknown data set {name!r}; available: camvid")
     kwargs = {"base_url": base_url} if base_url else {}
     result = download.download_camvid(dest, workers=workers, timeout=timeout, retries=retries, console=_console(), **kwargs)
-    (_err_console() if result.failed else _console()).print(download.summary_line(result), markup=False)
+    (errors.error_console() if result.failed else _console()).print(download.summary_line(result), markup=False)
     if result.failed:
         raise typer.Exit(errors.PARTIAL)
 
@@ -640,12 +640,6 @@ def doctor(
 
 
 # --- entry point ------------------------------------------------------------------------------
-
-
-def _err_console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -36,6 +36,13 @@ class TrainingFailed(RuntimeFailure):
         self.epoch, self.loss = epoch, loss
 
 
+def error_console():
+    """Where error lines go: stderr, one line each, and never silenced by --quiet."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
 def write_error(path, exc: OSError, fix: str) -> FcnError:
     """One line for a failed write of ``path``: a full disk or an I/O error is a runtime failure (3),
     an unwritable or missing folder a usage error (2)."""

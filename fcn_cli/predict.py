@@ -42,7 +42,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from fcn_cli import images
 from fcn_cli.classes import ClassTable
-from fcn_cli.errors import FcnError, RuntimeFailure, write_error
+from fcn_cli.errors import FcnError, RuntimeFailure, error_console, write_error
 
 SOFTWARE_TAG = "fcn predict"
 DEFAULT_OUTPUT = Path("predictions")
@@ -322,7 +322,7 @@ def predict(
     from rich.markup import escape
 
     console = console or Console()
-    failures = failure_console()
+    failures = error_console()
     started = time.perf_counter()
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
@@ -440,16 +440,9 @@ def _one_video(inputs: Sequence[str]) -> Path | None:
     return videos[0]
 
 
-def failure_console():
-    """Where a skipped input is reported: stderr, and not silenced by --quiet (it is an error)."""
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
 def _run(jobs, model_path, classes_file, mode, raw, batch_size, console, workers, result, size, options) -> ClassTable:
     """Load the model, predict every job, write its files; record outcomes in ``result``; the classes."""
-    failures = failure_console()
+    failures = error_console()
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
