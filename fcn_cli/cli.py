@@ -35,15 +35,16 @@ app.add_typer(data_app, name="data")
 def version_line() -> str:
     """fcn's version, the libraries it runs on and this machine's cached precision verdict, read without
     starting TensorFlow (the verdict is never probed here)."""
-    from fcn_cli import __version__, precision
+    from fcn_cli import precision
+    from fcn_cli.doctor import versions
 
-    tf = next((f"{d} {precision._version(d)}" for d in ("tensorflow", "tensorflow-cpu") if precision._version(d)),
-              "tensorflow not installed")
+    have = versions()
+    tf = next((f"{d} {have[d]}" for d in ("tensorflow", "tensorflow-cpu") if d in have), "tensorflow not installed")
     found = precision.cached_verdict()
     verdict = (f"{found.path.label} (cached {found.created})" if found
                else "not probed on this machine yet (`fcn doctor` or the first `fcn train` probes)")
-    return (f"fcn-cli {__version__}; {tf}, keras {precision._version('keras') or 'not installed'}, "
-            f"python {sys.version.split()[0]}; precision verdict: {verdict}")
+    return (f"fcn-cli {have['fcn-cli']}; {tf}, keras {have.get('keras', 'not installed')}, "
+            f"python {have['python']}; precision verdict: {verdict}")
 
 
 def _print_version(value: bool) -> None:
