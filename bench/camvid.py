@@ -38,10 +38,11 @@ PRETRAINED_MODEL = ["--variant", "fcn8", "--backbone-weights", str(HED_VGG16), "
                     "--batch-size", "8"]
 RECIPE_MODEL = {"pretrained": PRETRAINED_MODEL, "pretrained-native": PRETRAINED_MODEL}
 
-# Epochs the poly schedule is planned over, where a recipe's model is slower than MODEL: the full-width
-# FCN-8s ran 46 s per CamVid epoch (validation included) at 192x256 on 2 cores (bf16 with AMX, Intel Xeon), so 35
-# epochs fit the 27.5 training minutes and the learning rate reaches its floor instead of being cut mid-way.
-# pretrained-native validates at 336x448 (2.3x the pixels of 224x288), about 3 s more per epoch: 33 epochs.
+# Epochs the poly schedule is planned over, where a recipe's model is slower than MODEL, so the learning rate
+# reaches its floor within the 27.5 training minutes instead of being cut mid-way. Measured (2 cores, bf16 with
+# AMX, Intel Xeon, camvid-20261203-162820): the full-width FCN-8s ran 39 s per CamVid epoch at 192x256 with
+# validation at 224x288 (35 epochs: 23 minutes), 45 s with pretrained-native's validation at 336x448
+# (33 epochs: 25 minutes). Both leave minutes unused on such a machine; these are the counts measured.
 RECIPE_EPOCHS = {"pretrained": 35, "pretrained-native": 33}
 
 RECIPES = {
@@ -65,6 +66,15 @@ RECIPES = {
     "pretrained-native": ["--image-size", "192x256", "--scale", "1.5,2.0", "--jitter", "0.1",
                           "--class-weights", "median-sqrt", "--lr", "1e-4", "--schedule", "poly", "--optimizer", "adam"],
 }
+
+
+# The paper's staged training: FCN-32s, then FCN-16s from its best checkpoint, then FCN-8s from that one
+# (the new skip's score layer starts at zero, so each stage starts where the last one ended); the shares of
+# the recipe's epochs and minutes each stage gets.
+RECIPE_STAGES = {"pretrained-staged": [("fcn32", 0.4), ("fcn16", 0.3), ("fcn8", 0.3)]}
+RECIPES["pretrained-staged"] = RECIPES["pretrained-native"]
+RECIPE_MODEL["pretrained-staged"] = PRETRAINED_MODEL
+RECIPE_EPOCHS["pretrained-staged"] = RECIPE_EPOCHS["pretrained-native"]
 
 
 def _flag(flags: list[str], name: str) -> str:
@@ -119,11 +129,26 @@ def recipe_result(name: str, args, out: Path) -> dict:
     models.mkdir(parents=True)
     # The evaluation at native resolution takes about a minute; training gets the rest of the budget.
     train_minutes = args.budget_min - args.eval_min
-    train_cmd = [*fcn, "train", "--data", str(args.data), *RECIPE_MODEL.get(name, MODEL), *RECIPES[name],
-                 "--epochs", str(RECIPE_EPOCHS.get(name, args.epochs)), "--time-limit", str(train_minutes), "--seed", str(args.seed),
-                 "--out", str(models)]
-    train_s = run(train_cmd, out / f"{name}-train.log")
-    run_dir = next(p for p in models.iterdir() if p.is_dir())
+    epochs = RECIPE_EPOCHS.get(name, args.epochs)
+    model = RECIPE_MODEL.get(name, MODEL)
+    commands, curve, train_s, init = [], [], 0.0, []
+    # One stage unless the recipe is staged (the paper's 32s -> 16s -> 8s, each from the last one's best
+    # checkpoint); a stage gets its share of the epochs and of the minutes.
+    for variant, share in RECIPE_STAGES.get(name, [(_flag(model, "--variant"), 1.0)]):
+        stage_model = [*model]
+        stage_model[model.index("--variant") + 1] = variant
+        stage_out = models / variant
+        train_cmd = [*fcn, "train", "--data", str(args.data), *stage_model, *RECIPES[name], *init,
+                     "--epochs", str(max(1, round(epochs * share))), "--time-limit", f"{train_minutes * share:.2f}",
+                     "--seed", str(args.seed), "--out", str(stage_out)]
+        train_s += run(train_cmd, out / f"{name}-{variant}-train.log")
+        commands.append(" ".join(train_cmd[2:]))
+        run_dir = next(p for p in stage_out.iterdir() if p.is_dir())
+        with open(run_dir / "log.csv") as fh:
+            rows = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
+        # Epochs counted across stages, so the curve of a staged recipe reads as one run.
+        curve += [{**row, "epoch": float(len(curve) + i + 1), "stage": variant} for i, row in enumerate(rows)]
+        init = ["--init-from", str(run_dir / "best.keras")]
     eval_json = out / f"{name}-val.json"
     eval_cmd = [*fcn, "evaluate", "--split", "val", "--data", str(args.data), "--model", str(run_dir / "best.keras"),
                 "--out", str(eval_json)]
@@ -131,10 +156,8 @@ def recipe_result(name: str, args, out: Path) -> dict:
     # The same checkpoint with test-time flip averaging (`--tta flip`), reported beside the plain score.
     tta_json = out / f"{name}-val-flip.json"
     tta_s = run([*eval_cmd[:-1], str(tta_json), "--tta", "flip"], out / f"{name}-eval-flip.log")
-    with open(run_dir / "log.csv") as fh:
-        curve = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
     return {
-        "command": " ".join(train_cmd[2:]),
+        "command": " && ".join(commands),
         "train_seconds": round(train_s, 1),
         "eval_seconds": round(eval_s, 1),
         "eval_flip_seconds": round(tta_s, 1),
