@@ -148,11 +148,11 @@ def evaluate(
         "images_per_s": round(count / seconds, 3) if seconds > 0 else None,
         "files": {k: str(v) for k, v in files.items()},
     }
-    try:
-        metrics.write_confusion_csv(matrix, classes.names, files["confusion_csv"])
-        metrics.plot_confusion(matrix, classes.names, files["confusion_png"])
-    except OSError as exc:
-        raise write_error(files["confusion_csv"], exc, "choose another --out path") from None
+    for key, write in (("confusion_csv", metrics.write_confusion_csv), ("confusion_png", metrics.plot_confusion)):
+        try:
+            write(matrix, classes.names, files[key])
+        except OSError as exc:  # the line names the file that failed, not always the first
+            raise write_error(files[key], exc, "choose another --out path") from None
     write_json(files["json"], result)
 
     console.print(metrics.metrics_table(summary, classes.names, classes.ignore_index))

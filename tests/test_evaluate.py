@@ -216,3 +216,20 @@ def test_resize_mode_uses_the_recorded_inference_size_unless_overridden(dataset,
     # Scores are still counted at each annotation's own resolution, whatever size the network saw.
     assert recorded["pixels"] == override["pixels"]
     assert recorded["confusion_matrix"] != override["confusion_matrix"]
+
+
+def test_a_failed_confusion_write_names_the_file_that_failed(dataset, checkpoint, tmp_path, monkeypatch):
+    import errno
+
+    from fcn_cli import metrics
+    from fcn_cli.errors import RuntimeFailure
+    from fcn_cli.evaluate import evaluate
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics, "plot_confusion", full)
+    root, _ = dataset
+    with pytest.raises(RuntimeFailure, match=r"confusion\.png.*No space left on device"):
+        evaluate(checkpoint, root, split="val", json_path=tmp_path / "r.json", console=_quiet())
+    assert not (tmp_path / "r.json").exists()  # the report is written last, only when everything before it was
