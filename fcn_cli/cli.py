@@ -71,6 +71,7 @@ Variant = _choices("Variant", "fcn32", "fcn16", "fcn8")
 Optimizer = _choices("Optimizer", "adam", "sgd")
 Schedule = _choices("Schedule", "constant", "poly", "cosine")
 ClassWeights = _choices("ClassWeights", "none", "median", "median-sqrt")
+Loss = _choices("Loss", "ce", "ce+lovasz")
 Precision = _choices("Precision", "auto", "float32", "mixed_bfloat16", "mixed_float16")
 Strategy = _choices("Strategy", "auto", "one", "mirrored", "multi-worker")
 Mode = _choices("Mode", "resize", "native")
@@ -282,10 +283,12 @@ def train(
     head_width: Annotated[int, typer.Option(min=1, help="Filters of conv6/conv7 (4096 in the paper; pretrained fc6/fc7 load only at 4096, a narrower head starts random on the pretrained encoder).")] = 4096,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's matching layers (staged training fcn32 -> fcn16 -> fcn8).")] = None,
     class_weights: Annotated[ClassWeights, typer.Option(help="Loss weights per class: none, median (median-frequency balancing) or median-sqrt (its square root, milder).")] = ClassWeights.none,
+    loss: Annotated[Loss, typer.Option(help="Training loss: ce (per-pixel cross-entropy) or ce+lovasz (plus the Lovász-softmax term, a surrogate of each class's IoU that lifts thin, rare classes).")] = Loss.ce,
     ignore_void: Annotated[bool, typer.Option(help="Ignore the void class in the loss (weight 0).")] = True,
     flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,
     scale: Annotated[str, typer.Option(metavar="MIN,MAX", help="Random scale range MIN,MAX relative to --image-size, then crop/pad back (1,1 = off).")] = "1,1",
     jitter: Annotated[float, typer.Option(min=0.0, max=1.0, help="Colour jitter strength (0 = off).")] = 0.0,
+    class_uniform: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of training crops placed around a pixel of a class drawn uniformly from those in the photo, so thin rare classes are cropped as often as the road (0 = random crops; acts where --scale makes photos larger than --image-size).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for run folders and the stable links models/<variant>.keras.")] = Path("models"),
     classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
@@ -319,8 +322,9 @@ def train(
         optimizer=optimizer.value, schedule=schedule.value, image_size=parse_size(image_size),
         eval_size=parse_size(eval_size, "--eval-size") if eval_size else None,
         backbone_weights=backbone_weights, width=width, head_width=head_width,
-        init_from=str(init_from) if init_from else None, class_weights=class_weights.value,
-        ignore_void=ignore_void, flip=flip, scale=parse_range(scale, "--scale"), jitter=jitter, seed=seed,
+        init_from=str(init_from) if init_from else None, class_weights=class_weights.value, loss=loss.value,
+        ignore_void=ignore_void, flip=flip, scale=parse_range(scale, "--scale"), jitter=jitter,
+        class_uniform=class_uniform, seed=seed,
         out=str(out), classes=str(classes) if classes else None, precision=precision.value,
         strategy=strategy.value, max_steps=max_steps, time_limit=time_limit,
         checkpoint_overhead=checkpoint_overhead, tensorboard=tensorboard,

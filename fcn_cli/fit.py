@@ -104,14 +104,13 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     raise FcnError(f"unknown --optimizer {cfg.optimizer!r}; choose adam or sgd")
 
 
-def compile_model(model, optimizer, num_classes: int, ignore_index):
-    import keras
-
+def compile_model(model, optimizer, num_classes: int, ignore_index, loss: str = "ce"):
+    from fcn_cli.losses import segmentation_loss
     from fcn_cli.metrics import MeanIoU, PixelAccuracy
 
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=segmentation_loss(loss, num_classes),
         metrics=[
             MeanIoU(num_classes, ignore_class=ignore_index, name="miou"),
             PixelAccuracy(num_classes, ignore_class=ignore_index, name="pixel_accuracy"),
@@ -162,7 +161,8 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
                 if not copied:
                     raise FcnError(f"{cfg.init_from}: no layer matches this model; give a checkpoint of the same --width/--head-width")
                 console.print(f"initialized {len(copied)} layers from {cfg.init_from}")
-            compile_model(model, make_optimizer(cfg, data.steps_per_epoch), classes.num_classes, classes.ignore_index)
+            compile_model(model, make_optimizer(cfg, data.steps_per_epoch), classes.num_classes, classes.ignore_index,
+                          cfg.loss)
 
     if not resuming:
         run.write_config({**cfg.to_json(), "precision_used": precision, "precision_path": _precision_record(cfg),

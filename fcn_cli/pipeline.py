@@ -56,11 +56,16 @@ class Augment:
         back to image_size. (1.0, 1.0) means a plain resize.
     jitter: strength j of colour jitter on the image only: brightness, contrast and saturation
         each scaled by a factor ~ U(1 - j, 1 + j). 0 turns it off.
+    class_uniform: share p of crops placed around a random pixel of a class drawn uniformly from the
+        classes in the photo (void excluded), so a class that covers 1% of the pixels is in the crop as
+        often as the road ("class-uniform sampling", Zhu et al., CVPR 2019); the other crops are placed
+        uniformly. Acts only where scaling made the photo larger than image_size. 0 turns it off.
     """
 
     flip: bool = True
     scale: tuple[float, float] = (1.0, 1.0)
     jitter: float = 0.0
+    class_uniform: float = 0.0
 
     def __post_init__(self) -> None:
         low, high = self.scale
@@ -68,6 +73,8 @@ class Augment:
             raise FcnError(f"augmentation scale {self.scale}: need 0 < low <= high, e.g. (0.5, 2.0)")
         if not 0 <= self.jitter < 1:
             raise FcnError(f"augmentation jitter {self.jitter}: need a strength in [0, 1), e.g. 0.2")
+        if not 0 <= self.class_uniform <= 1:
+            raise FcnError(f"class-uniform share {self.class_uniform}: need a share in [0, 1], e.g. 0.5")
 
     @classmethod
     def none(cls) -> "Augment":
@@ -292,14 +299,37 @@ def _resize(image, label, size):
     return image, tf.cast(label, tf.int32)
 
 
-def _pad_or_crop(image, label, valid, size, seed):
+def _class_uniform_pixel(label, classes: ClassTable, seed):
+    """(y, x) of a random pixel of a class drawn uniformly from the classes in ``label`` (the ignored one
+    excluded), and whether there was such a class."""
+    class_seed, pixel_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    n = classes.num_classes
+    present = tf.math.bincount(tf.reshape(label, [-1]), minlength=n, maxlength=n) > 0
+    if classes.ignore_index is not None:
+        present &= tf.range(n) != classes.ignore_index
+    chosen = tf.random.stateless_categorical(tf.where(present, 0.0, -1e9)[None], 1, class_seed, tf.int32)[0, 0]
+    pixels = tf.cast(tf.where(tf.equal(label, chosen)), tf.int32)
+    count = tf.shape(pixels)[0]
+    pick = tf.random.stateless_uniform([], pixel_seed, 0, tf.maximum(count, 1), dtype=tf.int32)
+    return tf.gather(tf.concat([pixels, tf.zeros([1, 2], tf.int32)], 0), pick), tf.reduce_any(present)
+
+
+def _pad_or_crop(image, label, valid, size, seed, anchor=None):
     """Random placement of a scaled element on an image_size canvas: a random crop where it is
-    larger, a random offset in mean-coloured padding (valid = 0) where it is smaller."""
+    larger, a random offset in mean-coloured padding (valid = 0) where it is smaller. ``anchor``:
+    ((y, x), use); where ``use``, the crop keeps pixel (y, x) inside, at a uniformly random place in it."""
     target = tf.constant(size, tf.int32)
     have = tf.shape(image)[:2]
     slack = tf.abs(have - target)
-    offset = tf.cast(tf.random.stateless_uniform([2], seed) * tf.cast(slack + 1, tf.float32), tf.int32)
-    offset = tf.minimum(offset, slack)  # guard against u * (slack + 1) rounding up to slack + 1
+    u = tf.random.stateless_uniform([2], seed)
+    low, high = tf.zeros([2], tf.int32), slack
+    if anchor is not None:  # crop offsets that keep the pixel inside: [y - size + 1, y] within [0, slack]
+        pixel, use = anchor
+        cropped = use & (have > target)
+        low = tf.where(cropped, tf.maximum(pixel - target + 1, 0), low)
+        high = tf.where(cropped, tf.minimum(pixel, slack), high)
+    offset = low + tf.cast(u * tf.cast(high - low + 1, tf.float32), tf.int32)
+    offset = tf.minimum(offset, high)  # guard against u * (n + 1) rounding up to n + 1
     pad_before = tf.where(have < target, offset, 0)
     pad_after = tf.maximum(target - have, 0) - pad_before
     crop_at = tf.where(have > target, offset, 0)
@@ -328,14 +358,21 @@ def _color_jitter(image, strength: float, seed):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def _augmented(image, label, size, augment: Augment, seed):
-    """Scale, pad/crop, flip (image, label and validity together), then colour jitter (image only)."""
+def _augmented(image, label, size, augment: Augment, seed, classes: ClassTable | None = None):
+    """Scale, pad/crop (class-uniform where asked: needs ``classes``), flip (image, label and validity
+    together), then colour jitter (image only)."""
     scale_seed, place_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
     s = tf.random.stateless_uniform([], scale_seed, augment.scale[0], augment.scale[1])
     scaled = tf.maximum(tf.cast(tf.round(tf.constant(size, tf.float32) * s), tf.int32), 1)
     image, label = _resize(image, label, scaled)
     valid = tf.ones(tf.shape(label), tf.float32)
-    image, label, valid = _pad_or_crop(image, label, valid, size, place_seed)
+    anchor = None
+    if augment.class_uniform > 0 and classes is not None:
+        # Its own seeds, split off the placement's, so the other draws stay as they were without it.
+        use_seed, pixel_seed = tf.unstack(tf.random.experimental.stateless_split(place_seed, 2))
+        pixel, found = _class_uniform_pixel(label, classes, pixel_seed)
+        anchor = pixel, found & (tf.random.stateless_uniform([], use_seed) < augment.class_uniform)
+    image, label, valid = _pad_or_crop(image, label, valid, size, place_seed, anchor)
     if augment.flip:
         flip = tf.random.stateless_uniform([], flip_seed) < 0.5
         image, label, valid = tf.cond(
@@ -353,7 +390,7 @@ def _augmented(image, label, size, augment: Augment, seed):
 
 def _training_element(image, label, seed, size, augment, classes, ignore_void, weight_table):
     """Augmented (image, label, sample_weight): the training recipe for one element."""
-    image, label, valid = _augmented(image, label, size, augment, seed)
+    image, label, valid = _augmented(image, label, size, augment, seed, classes)
     return image, label, _sample_weight(label, valid, classes, ignore_void, weight_table)
 
 

@@ -32,10 +32,12 @@ class TrainConfig:
     head_width: int = 4096
     init_from: str | None = None
     class_weights: str = "none"
+    loss: str = "ce"  # losses.LOSSES
     ignore_void: bool = True
     flip: bool = True
     scale: tuple[float, float] = (1.0, 1.0)
     jitter: float = 0.0
+    class_uniform: float = 0.0  # share of class-uniform crops (pipeline.Augment)
     seed: int = 0
     out: str = "models"
     classes: str | None = None

@@ -33,7 +33,8 @@ def prepare_data(cfg: TrainConfig, console, strategy=None) -> TrainData:
     for flag, (h, w), examples in (("--image-size", cfg.image_size, "224x224, 352x480"), ("--eval-size", val_size, "224x288")):
         if h % 32 or w % 32 or h < 32 or w < 32:
             raise FcnError(f"{flag} {h}x{w}: height and width must be multiples of 32 (e.g. {examples})")
-    augment = pipeline.Augment(flip=cfg.flip, scale=tuple(cfg.scale), jitter=cfg.jitter)
+    augment = pipeline.Augment(flip=cfg.flip, scale=tuple(cfg.scale), jitter=cfg.jitter,
+                               class_uniform=cfg.class_uniform)
     if shards.is_shard_folder(data_dir):
         train_ds, val_ds, n_train, n_val, weights = _shard_datasets(cfg, classes, data_dir, augment, val_size)
         policy = "FILE"  # each worker reads its own shards

@@ -249,8 +249,8 @@ def test_flops_match_the_paper_scale():
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_builds_and_trains_under_jax_backend_with_and_without_the_levers():
     """Backend-neutral Keras: the stock model predicts under JAX; SmallMapConv2D's gradient is Conv2D's there,
-    and the accelerated bf16 model's gradient takes its products (one JAX process for all three: its start
-    is slow). bench/gpu_check.py's test trains that model under JAX until its loss falls."""
+    the ce+lovasz loss differentiates under jit, and the accelerated bf16 model's gradient takes its products
+    (one JAX process for all four: its start is slow). bench/gpu_check.py's test trains that model under JAX until its loss falls."""
     code = """
 import numpy as np, jax, keras
 from fcn_cli.accel.small_map_conv import SmallMapConv2D
@@ -268,6 +268,12 @@ def loss(w, layer):
 for a, b in zip(jax.grad(loss)([v.value for v in conv.trainable_variables], conv),
                 jax.grad(loss)([v.value for v in fast.trainable_variables], fast)):
     assert float(abs(a - b).max()) < 1e-4, float(abs(a - b).max())
+from fcn_cli.losses import segmentation_loss
+ce_lovasz = segmentation_loss('ce+lovasz', 12)
+labels = np.random.default_rng(1).integers(0, 12, (2, 32, 32))
+logits = np.random.default_rng(2).normal(size=(2, 32, 32, 12)).astype('float32')
+g = jax.jit(jax.grad(lambda z: ce_lovasz(labels, z, np.ones((2, 32, 32), 'float32'))))(logits)
+assert np.isfinite(np.asarray(g)).all() and float(abs(g).max()) > 0
 taken = []
 SmallMapConv2D._gemm_weight_gradient = lambda self, inp: taken.append(decide(self, inp)) or taken[-1]
 keras.mixed_precision.set_global_policy('mixed_bfloat16')

@@ -253,7 +253,42 @@ def test_bad_augment_values():
         Augment(scale=(1.5, 0.5))
     with pytest.raises(FcnError):
         Augment(jitter=-0.1)
+    with pytest.raises(FcnError, match="class-uniform"):
+        Augment(class_uniform=1.5)
     assert Augment.none() == Augment(flip=False, scale=(1.0, 1.0), jitter=0.0)
+
+
+def _crops(share: float, draws: int = 64):
+    """Crops of 32x32 from a 128x128 photo (scale 4 of image_size: no resize) whose pixel values are
+    their own coordinates, a 3x3 pedestrian in one corner of a road; each crop's label and its offset."""
+    yy, xx = np.mgrid[:128, :128]
+    image = tf.constant(np.stack([yy, xx, np.zeros_like(yy)], -1), tf.float32)
+    label = np.full((128, 128), 3, np.int32)  # road
+    label[120:123, 4:7] = 9  # pedestrian
+    label[:8] = VOID  # void is never a class to centre on
+    augment = Augment(flip=False, scale=(4.0, 4.0), class_uniform=share)
+    out = []
+    for i in range(draws):
+        crop, crop_label, valid = pipeline._augmented(image, tf.constant(label), (32, 32), augment,
+                                                      tf.constant([i, 7], tf.int64), CAMVID)
+        crop = crop.numpy()
+        y0, x0 = int(crop[0, 0, 0]), int(crop[0, 0, 1])
+        # A real crop: every pixel is where the photo had it, and the label moved with it.
+        assert (crop[..., 0] == yy[y0:y0 + 32, x0:x0 + 32]).all() and (crop[..., 1] == xx[y0:y0 + 32, x0:x0 + 32]).all()
+        assert (crop_label.numpy() == label[y0:y0 + 32, x0:x0 + 32]).all() and valid.numpy().all()
+        out.append((crop_label.numpy(), (y0, x0)))
+    return out
+
+
+def test_class_uniform_crops_find_a_small_class_as_often_as_the_large_one():
+    """Road and pedestrian are the two classes present: with share 1 about half the crops are placed around a
+    pedestrian pixel; random crops almost never cover the 3x3 patch in the corner (7 in 97 offsets per axis)."""
+    random = [(crop == 9).any() for crop, _ in _crops(0.0)]
+    uniform = [(crop == 9).any() for crop, _ in _crops(1.0)]
+    assert np.mean(random) < 0.2 and np.mean(uniform) > 0.35, (np.mean(random), np.mean(uniform))
+    # The class is the draw, not the placement: the pedestrian sits anywhere in its crops, not always centred.
+    offsets = {offset for crop, offset in _crops(1.0) if (crop == 9).any()}
+    assert len(offsets) > 5
 
 
 # ----------------------------------------------------------------------------- decode errors
