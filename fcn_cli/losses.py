@@ -53,6 +53,18 @@ def lovasz_softmax(labels, logits, valid, num_classes: int):
     return ops.sum(terms * present) / ops.maximum(ops.sum(present), 1.0)
 
 
+def _per_replica(value):
+    """``value`` divided by tf.distribute's replica count, as Keras divides each replica's mean loss: the
+    replicas' gradients are summed, so every term of the loss needs the same scaling (TensorFlow only)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = value / replicas
+    return value
+
+
 @keras.saving.register_keras_serializable(package="fcn")
 class CrossEntropyLovasz(keras.losses.Loss):
     """Cross-entropy from logits (weighted by ``sample_weight``: class weights, void and padding at 0)
@@ -64,12 +76,15 @@ class CrossEntropyLovasz(keras.losses.Loss):
     """
 
     def __init__(self, num_classes: int, lovasz_weight: float = 1.0, stride: int = 2, name: str = "ce_lovasz",
-                 reduction: str = "sum_over_batch_size", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+                 reduction: str = "sum_over_batch_size"):
+        # The sum of a per-pixel mean and a per-batch term: only the mean reduction keeps the two in scale.
+        if reduction != "sum_over_batch_size":
+            raise ValueError(f"CrossEntropyLovasz reduces by the mean over pixels only, not {reduction!r}")
+        super().__init__(name=name, reduction=reduction)
         self.num_classes = int(num_classes)
         self.lovasz_weight = float(lovasz_weight)
         self.stride = int(stride)
-        self._ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction, dtype=dtype)
+        self._ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     # Keras hands sample_weight to __call__ only, and the Lovász term needs it as a mask, so this loss
     # composes at __call__; call() alone is the plain cross-entropy.
@@ -78,7 +93,7 @@ class CrossEntropyLovasz(keras.losses.Loss):
         s = self.stride
         valid = ops.ones(ops.shape(y_true)) if sample_weight is None else ops.greater(sample_weight, 0)
         lovasz = lovasz_softmax(y_true[:, ::s, ::s], y_pred[:, ::s, ::s], valid[:, ::s, ::s], self.num_classes)
-        return ce + ops.cast(self.lovasz_weight * lovasz, ce.dtype)
+        return ce + ops.cast(self.lovasz_weight * _per_replica(lovasz), ce.dtype)
 
     def call(self, y_true, y_pred):
         return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)

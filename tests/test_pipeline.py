@@ -291,6 +291,24 @@ def test_class_uniform_crops_find_a_small_class_as_often_as_the_large_one():
     assert len(offsets) > 5
 
 
+@pytest.mark.parametrize("pixel", [(0, 0), (127, 95), (0, 95), (64, 0), (127, 40)])
+def test_an_anchored_crop_always_holds_its_pixel(pixel):
+    """Anchors at corners and edges: the crop (32 of 128 rows) always holds the pixel; the other axis
+    (96 columns on a 128-wide canvas) is padded, whole, as without an anchor."""
+    yy, xx = np.mgrid[:128, :96]
+    image = tf.constant(np.stack([yy, xx, np.zeros_like(yy)], -1), tf.float32)
+    label, valid = tf.zeros((128, 96), tf.int32), tf.ones((128, 96))
+    anchor = (tf.constant(pixel, tf.int32), tf.constant(True))
+    rows = set()
+    for i in range(40):
+        crop, _, kept = pipeline._pad_or_crop(image, label, valid, (32, 128), tf.constant([i, 3], tf.int64), anchor)
+        crop, kept = crop.numpy(), kept.numpy() > 0
+        assert (kept & (crop[..., 0] == pixel[0]) & (crop[..., 1] == pixel[1])).sum() == 1
+        assert kept.sum(axis=1).tolist() == [96] * 32
+        rows.add(int(crop[kept][0, 0]))
+    assert len(rows) > 1 or pixel[0] in (0, 127)  # placed at random where the edge leaves room
+
+
 # ----------------------------------------------------------------------------- decode errors
 
 
