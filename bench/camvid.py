@@ -43,7 +43,7 @@ RECIPE_MODEL = {"pretrained": PRETRAINED_MODEL, "pretrained-native": PRETRAINED_
 # Epochs the poly schedule is planned over, where a recipe's model is slower than MODEL, so the learning rate
 # reaches its floor within the 27.5 training minutes instead of being cut mid-way. Measured (2 cores, bf16 with
 # AMX, Intel Xeon, camvid-20261203-162820): the full-width FCN-8s ran 39 s per CamVid epoch at 192x256 with
-# validation at 224x288 (35 epochs: 23 minutes), 45 s with pretrained-native's validation at 336x448
+# validation at 224x288 (35 epochs: 23 minutes), 45 s with pretrained-native's validation at 320x448
 # (33 epochs: 25 minutes). Both leave minutes unused on such a machine; these are the counts measured.
 RECIPE_EPOCHS = {"pretrained": 35, "pretrained-native": 33}
 
@@ -64,7 +64,7 @@ RECIPES = {
                    "--class-weights", "median-sqrt", "--lr", "1e-4", "--schedule", "poly", "--optimizer", "adam"],
     # The thin-class lever at no cost per step: the same 192x256 crops, cut from photos zoomed to 0.8-1.07 of
     # CamVid's native 360x480 (scale 1.5-2.0 of 192x256) instead of 0.4-0.8, so a 2-4 px pole stays 2-4 px
-    # wide; validation and inference at 336x448 (the mean zoom), 0.93 of native.
+    # wide; validation and inference at 320x448 (the mean zoom's 336x448, the height rounded to a multiple of 32).
     "pretrained-native": ["--image-size", "192x256", "--scale", "1.5,2.0", "--jitter", "0.1",
                           "--class-weights", "median-sqrt", "--lr", "1e-4", "--schedule", "poly", "--optimizer", "adam"],
 }
