@@ -88,13 +88,15 @@ RECIPES["native-lovasz"] = [*RECIPES["pretrained-native"], "--loss", "ce+lovasz"
 # Class-uniform crops (pipeline.Augment.class_uniform): half the crops placed around a pixel of a class drawn
 # uniformly from those in the photo, so poles and pedestrians are in the crop as often as the road.
 RECIPES["native-uniform"] = [*RECIPES["pretrained-native"], "--class-uniform", "0.5"]
+# Both levers together.
+RECIPES["native-lovasz-uniform"] = [*RECIPES["native-lovasz"], "--class-uniform", "0.5"]
 
 # The paper's staged training: FCN-32s, then FCN-16s from its best checkpoint, then FCN-8s from that one
 # (the new skip's score layer starts at zero, so each stage starts where the last one ended); the shares of
 # the recipe's epochs and minutes each stage gets.
 RECIPE_STAGES = {"pretrained-staged": [("fcn32", 0.4), ("fcn16", 0.3), ("fcn8", 0.3)]}
 RECIPES["pretrained-staged"] = RECIPES["pretrained-native"]
-for _name in ("pretrained-staged", "native-median", "native-lovasz", "native-uniform"):
+for _name in ("pretrained-staged", "native-median", "native-lovasz", "native-uniform", "native-lovasz-uniform"):
     RECIPE_MODEL[_name] = PRETRAINED_MODEL
     RECIPE_EPOCHS[_name] = RECIPE_EPOCHS["pretrained-native"]
 
