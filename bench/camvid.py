@@ -82,16 +82,23 @@ def _with(flags: list[str], **changes: str) -> list[str]:
     return flags
 
 
+def _pretrained_native_variant(name: str, flags: list[str]) -> None:
+    """Add recipe ``name``: ``flags`` on pretrained-native's model with its epoch count."""
+    RECIPES[name] = flags
+    RECIPE_MODEL[name] = PRETRAINED_MODEL
+    RECIPE_EPOCHS[name] = RECIPE_EPOCHS["pretrained-native"]
+
+
 # Thin-class levers, each on the pretrained-native recipe with one change. Full median-frequency weights: a
 # pole pixel weighs 4.79 (32x road's) instead of median-sqrt's 2.19 (5.6x), trading precision for recall.
-RECIPES["native-median"] = _with(RECIPES["pretrained-native"], class_weights="median")
+_pretrained_native_variant("native-median", _with(RECIPES["pretrained-native"], class_weights="median"))
 # The Lovász-softmax term (fcn_cli/losses.py) beside cross-entropy: a surrogate of each class's IoU itself.
-RECIPES["native-lovasz"] = [*RECIPES["pretrained-native"], "--loss", "ce+lovasz"]
+_pretrained_native_variant("native-lovasz", [*RECIPES["pretrained-native"], "--loss", "ce+lovasz"])
 # Class-uniform crops (pipeline.Augment.class_uniform): half the crops placed around a pixel of a class drawn
 # uniformly from those in the photo, so poles and pedestrians are in the crop as often as the road.
-RECIPES["native-uniform"] = [*RECIPES["pretrained-native"], "--class-uniform", "0.5"]
+_pretrained_native_variant("native-uniform", [*RECIPES["pretrained-native"], "--class-uniform", "0.5"])
 # Both levers together.
-RECIPES["native-lovasz-uniform"] = [*RECIPES["native-lovasz"], "--class-uniform", "0.5"]
+_pretrained_native_variant("native-lovasz-uniform", [*RECIPES["native-lovasz"], "--class-uniform", "0.5"])
 # The Lovász term on the scratch recipe: whether the lever holds without the pretrained encoder.
 RECIPES["ours-lovasz"] = [*RECIPES["ours"], "--loss", "ce+lovasz"]
 # The term's sort adds about 0.12 s per 8-image step (measured on the full model: 11.3 -> 9.7 images/s), a
@@ -102,10 +109,7 @@ RECIPE_EPOCHS["ours-lovasz"] = 64
 # (the new skip's score layer starts at zero, so each stage starts where the last one ended); the shares of
 # the recipe's epochs and minutes each stage gets.
 RECIPE_STAGES = {"pretrained-staged": [("fcn32", 0.4), ("fcn16", 0.3), ("fcn8", 0.3)]}
-RECIPES["pretrained-staged"] = RECIPES["pretrained-native"]
-for _name in ("pretrained-staged", "native-median", "native-lovasz", "native-uniform", "native-lovasz-uniform"):
-    RECIPE_MODEL[_name] = PRETRAINED_MODEL
-    RECIPE_EPOCHS[_name] = RECIPE_EPOCHS["pretrained-native"]
+_pretrained_native_variant("pretrained-staged", RECIPES["pretrained-native"])
 
 
 def _flag(flags: list[str], name: str) -> str:
