@@ -358,8 +358,8 @@ def _color_jitter(image, strength: float, seed):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def _augmented(image, label, size, augment: Augment, seed, classes: ClassTable | None = None):
-    """Scale, pad/crop (class-uniform where asked: needs ``classes``), flip (image, label and validity
+def _augmented(image, label, size, augment: Augment, seed, classes: ClassTable):
+    """Scale, pad/crop (class-uniform where asked, over ``classes``), flip (image, label and validity
     together), then colour jitter (image only)."""
     scale_seed, place_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
     s = tf.random.stateless_uniform([], scale_seed, augment.scale[0], augment.scale[1])
@@ -367,7 +367,7 @@ def _augmented(image, label, size, augment: Augment, seed, classes: ClassTable |
     image, label = _resize(image, label, scaled)
     valid = tf.ones(tf.shape(label), tf.float32)
     anchor = None
-    if augment.class_uniform > 0 and classes is not None:
+    if augment.class_uniform > 0:
         # Its own seeds, split off the placement's, so the other draws stay as they were without it.
         use_seed, pixel_seed = tf.unstack(tf.random.experimental.stateless_split(place_seed, 2))
         pixel, found = _class_uniform_pixel(label, classes, pixel_seed)
