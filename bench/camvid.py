@@ -157,25 +157,34 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
+def stages(name: str) -> list[tuple[str, float]]:
+    """(variant, share of epochs and minutes) per stage: one stage unless the recipe is staged."""
+    return RECIPE_STAGES.get(name, [(_flag(RECIPE_MODEL.get(name, MODEL), "--variant"), 1.0)])
+
+
+def train_args(name: str, variant: str, share: float, args, stage_out: Path, init: list[str]) -> list[str]:
+    """`fcn train`'s arguments for one stage of recipe ``name`` (``init``: --init-from the last stage's best)."""
+    model = [*RECIPE_MODEL.get(name, MODEL)]
+    model[model.index("--variant") + 1] = variant
+    # The evaluations at native resolution take about a minute each; training gets the rest of the budget.
+    train_minutes = args.budget_min - args.eval_min
+    epochs = RECIPE_EPOCHS.get(name, args.epochs)
+    return ["train", "--data", str(args.data), *model, *RECIPES[name], *init,
+            "--epochs", str(max(1, round(epochs * share))), "--time-limit", f"{train_minutes * share:.2f}",
+            "--seed", str(args.seed), "--out", str(stage_out)]
+
+
 def recipe_result(name: str, args, out: Path) -> dict:
     fcn = [sys.executable, "-m", "fcn_cli"]
     models = out / name
     shutil.rmtree(models, ignore_errors=True)
     models.mkdir(parents=True)
-    # The evaluation at native resolution takes about a minute; training gets the rest of the budget.
-    train_minutes = args.budget_min - args.eval_min
-    epochs = RECIPE_EPOCHS.get(name, args.epochs)
-    model = RECIPE_MODEL.get(name, MODEL)
     commands, curve, train_s, init = [], [], 0.0, []
     # One stage unless the recipe is staged (the paper's 32s -> 16s -> 8s, each from the last one's best
     # checkpoint); a stage gets its share of the epochs and of the minutes.
-    for variant, share in RECIPE_STAGES.get(name, [(_flag(model, "--variant"), 1.0)]):
-        stage_model = [*model]
-        stage_model[model.index("--variant") + 1] = variant
+    for variant, share in stages(name):
         stage_out = models / variant
-        train_cmd = [*fcn, "train", "--data", str(args.data), *stage_model, *RECIPES[name], *init,
-                     "--epochs", str(max(1, round(epochs * share))), "--time-limit", f"{train_minutes * share:.2f}",
-                     "--seed", str(args.seed), "--out", str(stage_out)]
+        train_cmd = [*fcn, *train_args(name, variant, share, args, stage_out, init)]
         train_s += run(train_cmd, out / f"{name}-{variant}-train.log")
         commands.append(" ".join(train_cmd[2:]))
         run_dir = next(p for p in stage_out.iterdir() if p.is_dir())
@@ -203,6 +212,13 @@ def recipe_result(name: str, args, out: Path) -> dict:
         "val_native_flip_tta": json.loads(tta_json.read_text()),
         "run_dir": str(run_dir),
     }
+
+
+def write_json(path: Path, report: dict) -> None:
+    """``report`` to ``path`` through a temporary file, so a reader never sees half a report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -278,13 +294,6 @@ def main() -> None:
     work = args.out / f"camvid-{stamp}"
     work.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in names:
-        print(f"== {name}: {args.budget_min:g} min budget", flush=True)
-        results[name] = recipe_result(name, args, work)
-        res = results[name]["val_native"]
-        print(f"   {name}: val mIoU {res['mean_iou']:.4f} "
-              f"(flip TTA {results[name]['val_native_flip_tta']['mean_iou']:.4f}), pixel acc {res['pixel_accuracy']:.4f}, "
-              f"{results[name]['epochs_done']} epochs, {results[name]['total_minutes']} min", flush=True)
     report = {
         "benchmark": "camvid-proof-of-learning",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -295,7 +304,15 @@ def main() -> None:
         "recipes": results,
     }
     out_json = args.out / f"camvid-{stamp}.json"
-    out_json.write_text(json.dumps(report, indent=2))
+    for name in names:
+        print(f"== {name}: {args.budget_min:g} min budget", flush=True)
+        results[name] = recipe_result(name, args, work)
+        res = results[name]["val_native"]
+        print(f"   {name}: val mIoU {res['mean_iou']:.4f} "
+              f"(flip TTA {results[name]['val_native_flip_tta']['mean_iou']:.4f}), pixel acc {res['pixel_accuracy']:.4f}, "
+              f"{results[name]['epochs_done']} epochs, {results[name]['total_minutes']} min", flush=True)
+        # After every recipe, so a later recipe's failure (or Ctrl-C) two hours in keeps the finished ones.
+        write_json(out_json, report)
     plot(results, args.out / f"camvid-{stamp}.png")
     print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
     print(markdown_table(report))
