@@ -59,7 +59,8 @@ class Augment:
     class_uniform: share p of crops placed around a random pixel of a class drawn uniformly from the
         classes in the photo (void excluded), so a class that covers 1% of the pixels is in the crop as
         often as the road ("class-uniform sampling", Zhu et al., CVPR 2019); the other crops are placed
-        uniformly. Acts only where scaling made the photo larger than image_size. 0 turns it off.
+        uniformly. Acts only where scaling made the photo larger than image_size, so it needs a scale
+        above 1. 0 turns it off.
     """
 
     flip: bool = True
@@ -75,6 +76,11 @@ class Augment:
             raise FcnError(f"augmentation jitter {self.jitter}: need a strength in [0, 1), e.g. 0.2")
         if not 0 <= self.class_uniform <= 1:
             raise FcnError(f"class-uniform share {self.class_uniform}: need a share in [0, 1], e.g. 0.5")
+        # The share places crops; a photo never zoomed above image_size has no crop to place.
+        if self.class_uniform > 0 and high <= 1:
+            raise FcnError(f"class-uniform share {self.class_uniform:g} acts on crops only, and scale {low:g},{high:g} "
+                           "never makes a photo larger than the input: give a scale with high above 1 "
+                           "(--scale 1.5,2.0) or a share of 0")
 
     @classmethod
     def none(cls) -> "Augment":

@@ -253,6 +253,10 @@ def test_bad_augment_values():
         Augment(scale=(1.5, 0.5))
     with pytest.raises(FcnError):
         Augment(jitter=-0.1)
+    # A share that could never place a crop is refused, not recorded and ignored.
+    with pytest.raises(FcnError, match="acts on crops only"):
+        Augment(scale=(0.5, 1.0), class_uniform=0.5)
+    Augment(scale=(0.5, 1.01), class_uniform=0.5)
     with pytest.raises(FcnError, match="class-uniform"):
         Augment(class_uniform=1.5)
     assert Augment.none() == Augment(flip=False, scale=(1.0, 1.0), jitter=0.0)
