@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -116,6 +117,10 @@ def test_train_with_the_thin_class_levers_records_them_resumes_and_evaluates(syn
     run = next(p for p in out.iterdir() if p.is_dir())
     config = json.loads((run / "config.json").read_text())
     assert config["loss"] == "ce+lovasz" and config["class_uniform"] == 0.5
+    # The loss the model was compiled with, as the checkpoint names it (config.json records the flag only).
+    with zipfile.ZipFile(run / "last.keras") as archive:
+        compiled = json.loads(archive.read("config.json"))["compile_config"]["loss"]
+    assert compiled["class_name"] == "CrossEntropyLovasz" and compiled["config"]["num_classes"] == 12
     resumed = fcn("train", "--resume", run, "--epochs", "2", check=0)
     assert "epoch 2/2" in resumed.stdout
     fcn("evaluate", "--split", "val", "--data", synthetic_dir, "--model", run / "best.keras", check=0)

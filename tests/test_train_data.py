@@ -3,6 +3,7 @@ with the file named; class weights from the decoded masks."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 
@@ -66,3 +67,23 @@ def test_class_weights_from_decoded_masks():
     np.testing.assert_allclose(milder, np.sqrt(median), rtol=1e-6)
     with pytest.raises(FcnError, match="--class-weights"):
         class_weight_vector(masks, CAMVID, "inverse")
+
+
+def test_every_augmentation_flag_reaches_the_pipeline(small_set, monkeypatch):
+    """TrainConfig's augmentation fields arrive in pipeline.Augment as given (config.json records the config
+    itself, so only this shows that a flag is not recorded and then dropped)."""
+    from fcn_cli import pipeline
+    from fcn_cli.train_data import prepare_data
+
+    made = []
+
+    class Recording(pipeline.Augment):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(self)
+
+    monkeypatch.setattr(pipeline, "Augment", Recording)
+    cfg = TrainConfig(data=str(small_set), image_size=(32, 32), batch_size=2, backbone_weights="none",
+                      precision="float32", flip=False, scale=(1.25, 1.5), jitter=0.2, class_uniform=0.4)
+    prepare_data(cfg, Console(file=io.StringIO()))
+    assert [dataclasses.astuple(a) for a in made] == [(False, (1.25, 1.5), 0.2, 0.4)]
