@@ -101,8 +101,9 @@ _pretrained_native_variant("native-uniform", [*RECIPES["pretrained-native"], "--
 _pretrained_native_variant("native-lovasz-uniform", [*RECIPES["native-lovasz"], "--class-uniform", "0.5"])
 # The Lovász term on the scratch recipe: whether the lever holds without the pretrained encoder.
 RECIPES["ours-lovasz"] = [*RECIPES["ours"], "--loss", "ce+lovasz"]
-# The term's sort adds about 0.12 s per 8-image step (measured on the full model: 11.3 -> 9.7 images/s), a
-# third of the width-0.5 model's 0.38 s: about 25 s per epoch instead of 20, so 64 epochs in 27.5 minutes.
+# Planned from the full model's cost of the term (0.12 s more per 8-image step, 11.3 -> 9.7 images/s) as 64
+# epochs; measured on the width-0.5 model it costs 0.05 s (20.8 -> 18.4 images/s, camvid-20261203-213639),
+# so 64 epochs took 25.6 of the 27.5 minutes.
 RECIPE_EPOCHS["ours-lovasz"] = 64
 
 # The paper's staged training: FCN-32s, then FCN-16s from its best checkpoint, then FCN-8s from that one
@@ -244,7 +245,9 @@ def plot(results: dict, path: Path) -> None:
     ax2.set_title("per-class IoU at native resolution")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # matplotlib picks the format by the suffix
+    fig.savefig(tmp, dpi=90)
+    tmp.replace(path)
 
 
 def markdown_table(report: dict) -> str:
@@ -275,7 +278,11 @@ def main() -> None:
     parser.add_argument("--table", type=Path, metavar="JSON", help="print an earlier run's per-class table and exit")
     args = parser.parse_args()
     if args.table:
-        print(markdown_table(json.loads(args.table.read_text())))
+        try:
+            print(markdown_table(json.loads(args.table.read_text())))
+        except (OSError, ValueError, KeyError, TypeError, StopIteration) as exc:
+            sys.exit(f"{args.table}: not a readable bench/camvid.py report ({type(exc).__name__}: {exc}); "
+                     "give a bench/results/camvid-*.json")
         return
     if not (args.data / "train").is_dir():
         sys.exit(f"{args.data}: CamVid not found; `fcn data download camvid --dir DIR` and pass --data DIR")

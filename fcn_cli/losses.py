@@ -73,7 +73,7 @@ class CrossEntropyLovasz(keras.losses.Loss):
     The Lovász term runs on every ``stride``-th row and column: it sorts each class's errors, and a full
     sort of a 8x192x256 batch costs about 40 ms per class on 2 CPU cores (0.5 s for 12 classes, most of a
     0.7 s step of the full FCN-8s); a 2x2 grid keeps a 3-pixel pole in every row it crosses at a quarter of
-    the sorting (measured: 14% slower steps, bench/NOTES.md).
+    the sorting (measured on the full FCN-8s: 14% fewer images per second, bench/NOTES.md).
     """
 
     def __init__(self, num_classes: int, lovasz_weight: float = 1.0, stride: int = 2, name: str = "ce_lovasz",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,21 @@ def test_table_and_partial_report(tmp_path):
     path = tmp_path / "camvid-x.json"
     camvid.write_json(path, report)
     assert json.loads(path.read_text()) == report and not list(tmp_path.glob("*.tmp"))
+    recipe["curve"] = [{"epoch": 1.0, "val_miou": 0.4}, {"epoch": 2.0, "val_miou": 0.5}]
+    camvid.plot(report["recipes"], tmp_path / "camvid-x.png")
+    assert (tmp_path / "camvid-x.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["camvid-x.json", "camvid-x.png"]
     table = camvid.markdown_table(report).splitlines()
     assert table[0] == "| recipe | epochs (train min) | val mIoU | flip TTA | pixel acc | sky | column/pole |"
     assert table[2] == "| native-lovasz | 33 (26.5) | 0.658 | 0.663 | 0.900 | 0.900 | 0.070 |"
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"recipes": {}}'])
+def test_table_of_a_bad_report_is_one_line_naming_it(content, tmp_path):
+    path = tmp_path / "camvid-bad.json"
+    if content is not None:
+        path.write_text(content)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "camvid.py"), "--table", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith(str(path)) and len(proc.stderr.strip().splitlines()) == 1
