@@ -124,3 +124,21 @@ def test_train_with_the_thin_class_levers_records_them_resumes_and_evaluates(syn
     resumed = fcn("train", "--resume", run, "--epochs", "2", check=0)
     assert "epoch 2/2" in resumed.stdout
     fcn("evaluate", "--split", "val", "--data", synthetic_dir, "--model", run / "best.keras", check=0)
+
+
+def test_the_loss_compiles_under_xla_with_an_unknown_batch_size():
+    """On a GPU `fit` compiles the step with XLA (jit_compile auto), and the last validation batch is short:
+    the sort's length comes from a batch size unknown when the function is traced."""
+    tf = pytest.importorskip("tensorflow")
+    from fcn_cli.losses import CrossEntropyLovasz
+
+    loss = CrossEntropyLovasz(4)
+    spec = [tf.TensorSpec([None, 8, 8], tf.int32), tf.TensorSpec([None, 8, 8, 4], tf.float32),
+            tf.TensorSpec([None, 8, 8], tf.float32)]
+    compiled = tf.function(lambda y, p, w: loss(y, p, w), jit_compile=True, input_signature=spec)
+    rng = np.random.default_rng(0)
+    for batch in (2, 3):
+        labels = rng.integers(0, 4, (batch, 8, 8)).astype("int32")
+        logits = rng.normal(size=(batch, 8, 8, 4)).astype("float32")
+        weights = (rng.random((batch, 8, 8)) > 0.2).astype("float32")
+        assert float(compiled(labels, logits, weights)) == pytest.approx(float(loss(labels, logits, weights)), rel=1e-5)
