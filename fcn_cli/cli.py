@@ -288,7 +288,7 @@ def train(
     flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,
     scale: Annotated[str, typer.Option(metavar="MIN,MAX", help="Random scale range MIN,MAX relative to --image-size, then crop/pad back (1,1 = off).")] = "1,1",
     jitter: Annotated[float, typer.Option(min=0.0, max=1.0, help="Colour jitter strength (0 = off).")] = 0.0,
-    class_uniform: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of training crops placed around a pixel of a class drawn uniformly from those in the photo, so thin rare classes are cropped as often as the road (0 = random crops; acts where --scale makes photos larger than --image-size).")] = 0.0,
+    class_uniform: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of training crops placed around a pixel of a class drawn uniformly from those in the photo, so thin rare classes are cropped as often as the road (0 = random crops; it places crops, so it needs a --scale whose MAX is above 1).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for run folders and the stable links models/<variant>.keras.")] = Path("models"),
     classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,
