@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: fcn_cli importable without installing
     sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared" / "camvid"
+
+from fcn_cli.images import atomic_write_bytes  # noqa: E402  (after the path above; no TensorFlow)
 
 # Shared by the from-scratch recipes so the comparison is about the recipe, not the model size.
 MODEL = ["--variant", "fcn8", "--backbone-weights", "none", "--width", "0.5", "--head-width", "1024", "--batch-size", "8"]
@@ -216,10 +219,9 @@ def recipe_result(name: str, args, out: Path) -> dict:
 
 
 def write_json(path: Path, report: dict) -> None:
-    """``report`` to ``path`` through a temporary file, so a reader never sees half a report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    """``report`` to ``path`` through a temporary file, so a reader never sees half a report (recipes in
+    run order, which the table keeps: not runs.write_json, which sorts keys)."""
+    atomic_write_bytes(path, json.dumps(report, indent=2).encode())
 
 
 def plot(results: dict, path: Path) -> None:
@@ -245,9 +247,9 @@ def plot(results: dict, path: Path) -> None:
     ax2.set_title("per-class IoU at native resolution")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # matplotlib picks the format by the suffix
-    fig.savefig(tmp, dpi=90)
-    tmp.replace(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def markdown_table(report: dict) -> str:
