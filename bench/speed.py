@@ -927,11 +927,11 @@ def write_result(result: dict, out_dir: Path) -> Path:
     stem = "speed-quick" if result["mode"] == "quick" else "speed"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = out_dir / f"{stem}-{stamp}.json"
-    text = json.dumps(result, indent=2) + "\n"
+    from fcn_cli.images import atomic_write_bytes  # no TensorFlow: numpy and PIL only
+
+    data = (json.dumps(result, indent=2) + "\n").encode()
     for target in (path, out_dir / f"{stem}-latest.json"):
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        atomic_write_bytes(target, data)
     return path
 
 
