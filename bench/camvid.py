@@ -109,6 +109,11 @@ _pretrained_native_variant("native-lovasz-uniform", [*RECIPES["native-lovasz"], 
 _pretrained_native_variant("native-lovasz-up", _with(RECIPES["native-lovasz"], scale="1.75,2.5"))
 # Validation at 416x544 costs 1.6x the 320x448's pixels, about 5 s more per epoch: planned as 31 epochs.
 RECIPE_EPOCHS["native-lovasz-up"] = 31
+# Native-lovasz on FCN-4s: one skip further, from pool2 (H/4), so a pole a few pixels wide meets a grid
+# twice as fine as pool3's. The extra layers (score_pool2, a 2x and the final 4x upsampling) are float32 class
+# layers on 12 channels: almost nothing per step, so the same 33 epochs.
+_pretrained_native_variant("native-lovasz-fcn4", RECIPES["native-lovasz"])
+RECIPE_MODEL["native-lovasz-fcn4"] = _with(PRETRAINED_MODEL, variant="fcn4")
 # The Lovász term on the scratch recipe: whether the lever holds without the pretrained encoder.
 RECIPES["ours-lovasz"] = [*RECIPES["ours"], "--loss", "ce+lovasz"]
 # Planned from the full model's cost of the term (0.12 s more per 8-image step, 11.3 -> 9.7 images/s) as 64

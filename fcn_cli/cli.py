@@ -67,7 +67,7 @@ def _choices(name: str, *values: str) -> type[Enum]:
 
 
 # The flags' choices; the modules that act on them (model, fit, train_data) check them again.
-Variant = _choices("Variant", "fcn32", "fcn16", "fcn8")
+Variant = _choices("Variant", "fcn32", "fcn16", "fcn8", "fcn4")
 Optimizer = _choices("Optimizer", "adam", "sgd")
 Schedule = _choices("Schedule", "constant", "poly", "cosine")
 ClassWeights = _choices("ClassWeights", "none", "median", "median-sqrt")
@@ -270,7 +270,7 @@ def _quiet_tensorflow() -> None:
 def train(
     ctx: typer.Context,
     data: Annotated[Path, typer.Option(help=DATA_HELP)] = Path("data/camvid"),
-    variant: Annotated[Variant, typer.Option(help="FCN variant: fcn32, fcn16 or fcn8 (finer skips).")] = Variant.fcn8,
+    variant: Annotated[Variant, typer.Option(help="FCN variant: fcn32, fcn16 or fcn8 (the paper's, finer skips), or fcn4 (one skip further, from pool2).")] = Variant.fcn8,
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (split across replicas when distributed).")] = 8,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs to train (total, counting resumed ones).")] = 30,
     lr: Annotated[float, typer.Option(min=0.0, help="Initial learning rate.")] = 1e-3,
@@ -281,7 +281,7 @@ def train(
     backbone_weights: Annotated[str, typer.Option(metavar="imagenet|none|PATH", help="VGG-16 weights: 'imagenet' (downloaded once), 'none', or a Keras VGG16 .h5 PATH.")] = "imagenet",
     width: Annotated[float, typer.Option(min=0.01, help="Scale every VGG channel count (1.0 = VGG-16; <1 for small models, needs --backbone-weights none).")] = 1.0,
     head_width: Annotated[int, typer.Option(min=1, help="Filters of conv6/conv7 (4096 in the paper; pretrained fc6/fc7 load only at 4096, a narrower head starts random on the pretrained encoder).")] = 4096,
-    init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's matching layers (staged training fcn32 -> fcn16 -> fcn8).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's matching layers (staged training fcn32 -> fcn16 -> fcn8 -> fcn4).")] = None,
     class_weights: Annotated[ClassWeights, typer.Option(help="Loss weights per class: none, median (median-frequency balancing) or median-sqrt (its square root, milder).")] = ClassWeights.none,
     loss: Annotated[Loss, typer.Option(help="Training loss: ce (per-pixel cross-entropy) or ce+lovasz (plus the Lovász-softmax term, a surrogate of each class's IoU that lifts thin, rare classes).")] = Loss.ce,
     ignore_void: Annotated[bool, typer.Option(help="Ignore the void class in the loss (weight 0).")] = True,

@@ -1,9 +1,13 @@
-"""FCN-32s / FCN-16s / FCN-8s on a VGG-16 encoder (Long, Shelhamer & Darrell, 2015).
+"""FCN-32s / FCN-16s / FCN-8s on a VGG-16 encoder (Long, Shelhamer & Darrell, 2015), and FCN-4s.
+
+FCN-4s takes the paper's skip architecture one step further, to pool2 (H/4): the paper stopped at pool3
+on PASCAL ("diminishing returns"), where objects are large; a road scene's poles and signs are 2-6 pixels
+wide at 360x480, under one cell of pool3's grid.
 
 One builder for every variant, so training, evaluation, prediction and export share it.
 Backend-neutral Keras 3: only ``keras.layers`` / ``keras.ops``, so it builds under TensorFlow and JAX.
 
-Shapes for an input of H x W (multiples of 32): pool3 is H/8, pool4 H/16, pool5/conv7 H/32.
+Shapes for an input of H x W (multiples of 32): pool2 is H/4, pool3 H/8, pool4 H/16, pool5/conv7 H/32.
 Upsampling is a transposed convolution with kernel 2f and stride f, initialized to bilinear
 interpolation, with 'same' padding: exactly its 'valid' output (f*n + f) cropped by f/2 on each side
 (the paper's crop layers), computed without the cropped border. That puts output pixel o at input
@@ -24,7 +28,7 @@ from keras import layers
 from fcn_cli import accel as levers
 from fcn_cli.errors import FcnError
 
-VARIANTS = ("fcn32", "fcn16", "fcn8")
+VARIANTS = ("fcn32", "fcn16", "fcn8", "fcn4")
 # (block, convs, filters): VGG-16 configuration D, with keras.applications' layer names.
 VGG16_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 # Caffe VGG expects BGR minus the ImageNet mean; we take RGB in 0..255 and do both in one frozen layer.
@@ -85,7 +89,13 @@ def build_fcn(
         else:
             score = upsample(score, num_classes, 2, "upscore_pool4")
             score = layers.Add(name="fuse_pool3", dtype=CLASS_LAYER_DTYPE)([score, _score(num_classes, "score_pool3")(pools[3])])
-            logits = upsample(score, num_classes, 8, "upscore8", trainable=False)
+            if variant == "fcn8":
+                logits = upsample(score, num_classes, 8, "upscore8", trainable=False)
+            else:
+                score = upsample(score, num_classes, 2, "upscore_pool3")
+                score = layers.Add(name="fuse_pool2", dtype=CLASS_LAYER_DTYPE)(
+                    [score, _score(num_classes, "score_pool2")(pools[2])])
+                logits = upsample(score, num_classes, 4, "upscore4", trainable=False)
 
     # Under a mixed policy the network computes in bf16/fp16; the loss must see float32 logits.
     logits = layers.Activation("linear", dtype="float32", name="logits")(logits)

@@ -353,7 +353,7 @@ def resolve_model_path(model: str | Path | None, out: Path, variant: str = "fcn8
     """The checkpoint a command should use: --model, or the stable link of the default variant."""
     if model is not None:
         return Path(model)
-    for candidate in (variant, "fcn8", "fcn16", "fcn32"):
+    for candidate in (variant, "fcn8", "fcn16", "fcn32", "fcn4"):
         path = Path(out) / f"{candidate}.keras"
         if path.exists():
             return path

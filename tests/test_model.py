@@ -69,6 +69,19 @@ def test_full_fcn8_parameter_count_and_vgg_layer_names(tmp_path):
     assert not np.allclose(loaded.get_layer("conv6").get_weights()[0], 0)
 
 
+def test_fcn4_adds_the_pool2_skip_to_fcn8():
+    """FCN-4s = FCN-8s with upscore8 replaced by a learned 2x step, a zero score on pool2 and a fixed 4x step."""
+    fcn8 = build_fcn("fcn8", num_classes=12, backbone_weights=None)
+    fcn4 = build_fcn("fcn4", num_classes=12, backbone_weights=None)
+    c = 12
+    extra = (128 + 1) * c + (4 * 4 + 8 * 8 - 16 * 16) * c * c  # score_pool2, upscore_pool3 + upscore4 - upscore8
+    assert fcn4.count_params() == fcn8.count_params() + extra == 134_336_636
+    names = {layer.name for layer in fcn4.layers}
+    assert {"score_pool2", "upscore_pool3", "fuse_pool2", "upscore4"} <= names and "upscore8" not in names
+    assert fcn4.get_layer("score_pool2").input.shape[-1] == 128  # pool2: block2's 128 channels
+    assert not fcn4.get_layer("upscore4").trainable and fcn4.get_layer("upscore_pool3").trainable
+
+
 def test_net_surgery_from_a_with_top_legacy_h5(tmp_path):
     """The standard Keras VGG16 file (legacy HDF5, with top): fc1/fc2 become conv6/conv7 by reshaping."""
     import h5py
@@ -117,7 +130,7 @@ def _bilinear_reference(x: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("factor", [2, 8, 32])
+@pytest.mark.parametrize("factor", [2, 4, 8, 32])
 def test_upsampling_layer_is_bilinear_at_init(factor):
     from fcn_cli.model import upsample
 
@@ -138,7 +151,7 @@ def test_upsampling_layer_is_bilinear_at_init(factor):
         np.testing.assert_allclose(out[0, inner, inner, c], clamp[inner, inner], atol=1e-4)
 
 
-@pytest.mark.parametrize("factor", [2, 8, 16, 32])
+@pytest.mark.parametrize("factor", [2, 4, 8, 16, 32])
 def test_upsampling_is_the_valid_transposed_conv_cropped_by_half_the_factor(factor):
     # The paper crops the 'valid' output; 'same' padding must give the same pixels for any learned kernel.
     from fcn_cli.model import upsample
@@ -197,11 +210,19 @@ def test_transfer_weights_fcn32_to_16_to_8():
     np.testing.assert_array_equal(
         fcn8.get_layer("score_pool4").get_weights()[0], fcn16.get_layer("score_pool4").get_weights()[0]
     )
+    # FCN-4s from FCN-8s: everything but the new pool2 score (zero, as every new skip starts) and the 4x step.
+    for layer in fcn8.layers:
+        if layer.trainable_weights:
+            layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
+    fcn4 = build_fcn("fcn4", **TINY)
+    copied4 = transfer_weights(fcn8, fcn4)
+    assert {"score_pool3", "upscore_pool4", "conv7"} <= set(copied4)
+    assert "score_pool2" not in copied4 and not np.any(fcn4.get_layer("score_pool2").get_weights()[0])
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(FcnError, match="unknown variant"):
-        build_fcn("fcn4", backbone_weights=None)
+        build_fcn("fcn2", backbone_weights=None)
     with pytest.raises(FcnError, match="--backbone-weights none"):
         build_fcn("fcn8", backbone_weights="imagenet", width=0.5)
     with pytest.raises(FcnError, match="not found"):
