@@ -109,6 +109,10 @@ _pretrained_native_variant("native-lovasz-uniform", [*RECIPES["native-lovasz"], 
 _pretrained_native_variant("native-lovasz-up", _with(RECIPES["native-lovasz"], scale="1.75,2.5"))
 # Validation at 416x544 costs 1.6x the 320x448's pixels, about 5 s more per epoch: planned as 31 epochs.
 RECIPE_EPOCHS["native-lovasz-up"] = 31
+# Native-lovasz without class weights: the Lovász term already weighs every class's IoU equally, and in
+# native-lovasz's confusion matrix (camvid-20261203-222741) the weighted classes lose their IoU to false
+# positives (pedestrian: 102k building pixels called pedestrian beside 96k right ones; recall 0.84).
+_pretrained_native_variant("native-lovasz-unweighted", _with(RECIPES["native-lovasz"], class_weights="none"))
 # Native-lovasz on FCN-4s: one skip further, from pool2 (H/4), so a pole a few pixels wide meets a grid
 # twice as fine as pool3's. The extra layers (score_pool2, a 2x and the final 4x upsampling) are float32 class
 # layers on 12 channels: almost nothing per step, so the same 33 epochs.
