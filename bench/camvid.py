@@ -136,10 +136,15 @@ def _flag(flags: list[str], name: str) -> str:
     return flags[flags.index(name) + 1]
 
 
+def recipe_model(name: str) -> list[str]:
+    """The model flags recipe ``name`` trains: its RECIPE_MODEL entry, else MODEL."""
+    return [*RECIPE_MODEL.get(name, MODEL)]
+
+
 def prepare_model(name: str) -> list[str]:
     """The recipe's model flags; its backbone file made first if missing (bench/hed_vgg16.py), then checked
     by building that model once, so a refusal shows now rather than after the other recipes' half hour."""
-    model = RECIPE_MODEL.get(name, MODEL)
+    model = recipe_model(name)
     weights = _flag(model, "--backbone-weights")
     if weights.lower() in ("none", "imagenet"):
         return model
@@ -179,12 +184,12 @@ def run(cmd: list[str], log: Path) -> float:
 
 def stages(name: str) -> list[tuple[str, float]]:
     """(variant, share of epochs and minutes) per stage: one stage unless the recipe is staged."""
-    return RECIPE_STAGES.get(name, [(_flag(RECIPE_MODEL.get(name, MODEL), "--variant"), 1.0)])
+    return RECIPE_STAGES.get(name, [(_flag(recipe_model(name), "--variant"), 1.0)])
 
 
 def train_args(name: str, variant: str, share: float, args, stage_out: Path, init: list[str]) -> list[str]:
     """`fcn train`'s arguments for one stage of recipe ``name`` (``init``: --init-from the last stage's best)."""
-    model = [*RECIPE_MODEL.get(name, MODEL)]
+    model = recipe_model(name)
     model[model.index("--variant") + 1] = variant
     # The evaluations at native resolution take about a minute each; training gets the rest of the budget.
     train_minutes = args.budget_min - args.eval_min
