@@ -118,6 +118,9 @@ _pretrained_native_variant("native-lovasz-unweighted", _with(RECIPES["native-lov
 # layers on 12 channels: almost nothing per step, so the same 33 epochs.
 _pretrained_native_variant("native-lovasz-fcn4", RECIPES["native-lovasz"])
 RECIPE_MODEL["native-lovasz-fcn4"] = _with(PRETRAINED_MODEL, variant="fcn4")
+# Both: FCN-4s without class weights.
+_pretrained_native_variant("native-lovasz-fcn4-unweighted", RECIPES["native-lovasz-unweighted"])
+RECIPE_MODEL["native-lovasz-fcn4-unweighted"] = RECIPE_MODEL["native-lovasz-fcn4"]
 # The Lovász term on the scratch recipe: whether the lever holds without the pretrained encoder.
 RECIPES["ours-lovasz"] = [*RECIPES["ours"], "--loss", "ce+lovasz"]
 # Planned from the full model's cost of the term (0.12 s more per 8-image step, 11.3 -> 9.7 images/s) as 64
