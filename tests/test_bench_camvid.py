@@ -59,6 +59,12 @@ def test_variants_register_model_flags_and_epochs_together():
     assert camvid._flag(camvid.RECIPES["native-median"], "--class-weights") == "median"
     assert camvid._flag(camvid.RECIPES["pretrained-native"], "--class-weights") == "median-sqrt"
     assert [v for v, _ in camvid.stages("pretrained-staged")] == ["fcn32", "fcn16", "fcn8"]
+    # The FCN-4s recipes: the pretrained model with one flag changed, one stage of fcn4.
+    for name in ("native-lovasz-fcn4", "native-lovasz-fcn4-unweighted"):
+        assert camvid.recipe_model(name) == camvid._with(camvid.PRETRAINED_MODEL, variant="fcn4")
+        assert camvid.stages(name) == [("fcn4", 1.0)]
+    assert camvid._flag(camvid.RECIPES["native-lovasz-fcn4-unweighted"], "--class-weights") == "none"
+    assert camvid._flag(camvid.RECIPES["native-lovasz-up"], "--scale") == "1.75,2.5"
 
 
 def test_table_and_partial_report(tmp_path):
