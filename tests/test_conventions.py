@@ -138,7 +138,7 @@ def test_shell_completion_completes_commands_and_choices():
     assert done.stdout.split() == ["train"], done
     env.update(COMP_WORDS="fcn train --variant ", COMP_CWORD="3")
     done = subprocess.run([sys.executable, "-m", "fcn_cli"], env=env, capture_output=True, text=True)
-    assert done.stdout.split() == ["fcn32", "fcn16", "fcn8"], done
+    assert done.stdout.split() == ["fcn32", "fcn16", "fcn8", "fcn4"], done
     shown = fcn("--show-completion", "bash", check=0)
     assert "_FCN_COMPLETE" in shown.stdout
 
