@@ -97,6 +97,21 @@ def test_predict_any_size_gives_palette_mask_of_input_size(trained, tmp_path):
     assert colours <= set(CAMVID.colors)
 
 
+def test_fcn4_trains_from_an_fcn8_checkpoint_and_predict_finds_it(trained, data_dir, tmp_path):
+    """The documented recipe's variant end to end: --init-from an FCN-8s, then predict with no --model."""
+    _, run, _ = trained
+    out = tmp_path / "models"
+    proc = fcn("train", "--data", data_dir, "--variant", "fcn4", "--epochs", "1", "--init-from", run / "best.keras",
+               "--out", out, *TINY, check=0)
+    assert "initialized" in proc.stdout
+    assert (out / "fcn4.keras").is_symlink()
+    photo = tmp_path / "street.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(photo)
+    mask_path = tmp_path / "mask.png"
+    fcn("predict", photo, "-o", mask_path, "--models-dir", out, check=0)  # only fcn4.keras there
+    assert np.asarray(Image.open(mask_path).convert("RGB")).shape == (70, 90, 3)
+
+
 def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_a_resumable_run(data_dir, tmp_path):
     from fcn_cli.runs import RunFolder, load_checkpoint
     from fcn_cli.train import resumed_run
