@@ -87,10 +87,10 @@ def _with(flags: list[str], **changes: str) -> list[str]:
     return flags
 
 
-def _pretrained_native_variant(name: str, flags: list[str]) -> None:
-    """Add recipe ``name``: ``flags`` on pretrained-native's model with its epoch count."""
+def _pretrained_native_variant(name: str, flags: list[str], model: list[str] = PRETRAINED_MODEL) -> None:
+    """Add recipe ``name``: ``flags`` on ``model`` (pretrained-native's unless given) with its epoch count."""
     RECIPES[name] = flags
-    RECIPE_MODEL[name] = PRETRAINED_MODEL
+    RECIPE_MODEL[name] = model
     RECIPE_EPOCHS[name] = RECIPE_EPOCHS["pretrained-native"]
 
 
@@ -118,11 +118,10 @@ _pretrained_native_variant("native-lovasz-unweighted", _with(RECIPES["native-lov
 # Native-lovasz on FCN-4s: one skip further, from pool2 (H/4), so a pole a few pixels wide meets a grid
 # twice as fine as pool3's. The extra layers (score_pool2, a 2x and the final 4x upsampling) are float32 class
 # layers on 12 channels: almost nothing per step, so the same 33 epochs.
-_pretrained_native_variant("native-lovasz-fcn4", RECIPES["native-lovasz"])
-RECIPE_MODEL["native-lovasz-fcn4"] = _with(PRETRAINED_MODEL, variant="fcn4")
+PRETRAINED_FCN4 = _with(PRETRAINED_MODEL, variant="fcn4")
+_pretrained_native_variant("native-lovasz-fcn4", RECIPES["native-lovasz"], PRETRAINED_FCN4)
 # Both: FCN-4s without class weights.
-_pretrained_native_variant("native-lovasz-fcn4-unweighted", RECIPES["native-lovasz-unweighted"])
-RECIPE_MODEL["native-lovasz-fcn4-unweighted"] = RECIPE_MODEL["native-lovasz-fcn4"]
+_pretrained_native_variant("native-lovasz-fcn4-unweighted", RECIPES["native-lovasz-unweighted"], PRETRAINED_FCN4)
 # The Lovász term on the scratch recipe: whether the lever holds without the pretrained encoder.
 RECIPES["ours-lovasz"] = [*RECIPES["ours"], "--loss", "ce+lovasz"]
 # Planned from the full model's cost of the term (0.12 s more per 8-image step, 11.3 -> 9.7 images/s) as 64
