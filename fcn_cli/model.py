@@ -28,7 +28,9 @@ from keras import layers
 from fcn_cli import accel as levers
 from fcn_cli.errors import FcnError
 
-VARIANTS = ("fcn32", "fcn16", "fcn8", "fcn4")
+# The pools each variant fuses, coarse to fine; its output stride is the finest one's.
+SKIPS = {"fcn32": (), "fcn16": (4,), "fcn8": (4, 3), "fcn4": (4, 3, 2)}
+VARIANTS = tuple(SKIPS)
 # (block, convs, filters): VGG-16 configuration D, with keras.applications' layer names.
 VGG16_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 # Caffe VGG expects BGR minus the ImageNet mean; we take RGB in 0..255 and do both in one frozen layer.
@@ -79,23 +81,14 @@ def build_fcn(
     x = layers.Dropout(dropout, name="drop7")(x)
     score = _score(num_classes, "score_fr")(x)
 
-    if variant == "fcn32":
-        logits = upsample(score, num_classes, 32, "upscore32", trainable=False)
-    else:
-        score = upsample(score, num_classes, 2, "upscore2")
-        score = layers.Add(name="fuse_pool4", dtype=CLASS_LAYER_DTYPE)([score, _score(num_classes, "score_pool4")(pools[4])])
-        if variant == "fcn16":
-            logits = upsample(score, num_classes, 16, "upscore16", trainable=False)
-        else:
-            score = upsample(score, num_classes, 2, "upscore_pool4")
-            score = layers.Add(name="fuse_pool3", dtype=CLASS_LAYER_DTYPE)([score, _score(num_classes, "score_pool3")(pools[3])])
-            if variant == "fcn8":
-                logits = upsample(score, num_classes, 8, "upscore8", trainable=False)
-            else:
-                score = upsample(score, num_classes, 2, "upscore_pool3")
-                score = layers.Add(name="fuse_pool2", dtype=CLASS_LAYER_DTYPE)(
-                    [score, _score(num_classes, "score_pool2")(pools[2])])
-                logits = upsample(score, num_classes, 4, "upscore4", trainable=False)
+    # Each skip: score the pool, add it to the 2x-upsampled fused score so far (the paper's names kept: the
+    # first 2x step is "upscore2", the next ones "upscore_pool<p+1>"), then one fixed bilinear step to H.
+    for p in SKIPS[variant]:
+        score = upsample(score, num_classes, 2, "upscore2" if p == 4 else f"upscore_pool{p + 1}")
+        score = layers.Add(name=f"fuse_pool{p}", dtype=CLASS_LAYER_DTYPE)(
+            [score, _score(num_classes, f"score_pool{p}")(pools[p])])
+    stride = 2 ** min([5, *SKIPS[variant]])
+    logits = upsample(score, num_classes, stride, f"upscore{stride}", trainable=False)
 
     # Under a mixed policy the network computes in bf16/fp16; the loss must see float32 logits.
     logits = layers.Activation("linear", dtype="float32", name="logits")(logits)
