@@ -8,6 +8,7 @@ import math
 import signal
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from fcn_cli.train import checkpoint_meta
@@ -173,6 +174,79 @@ class EpochRecorder(_keras_callback_base()):
     def _would_overrun(self, last_epoch_seconds: float) -> bool:
         elapsed = time.perf_counter() - self._started
         return elapsed + last_epoch_seconds > self.cfg.time_limit * 60
+
+
+def epochs_that_fit(done: int, elapsed_s: float, epoch_s: float, limit_s: float, cap: int) -> int:
+    """Epochs a run ends with when the ``done`` ones took ``elapsed_s`` and each more takes ``epoch_s``:
+    the same rule as the time-limit stop (an epoch starts only if it can finish in time), capped at ``cap``."""
+    more = max(0, math.floor((limit_s - elapsed_s) / epoch_s)) if epoch_s > 0 else cap
+    return max(done, min(cap, done + more))
+
+
+class ScheduleFitter(_keras_callback_base()):
+    """Under --time-limit, end the decaying learning rate where the time ends, not where --epochs would.
+
+    A poly or cosine schedule is planned over ``--epochs``; when fewer epochs fit in the time limit, the
+    stop would cut the run with the rate still near its peak (budgeted training, Li et al. 2020: a
+    schedule that reaches its floor at the budget beats one cut short). After each epoch this callback
+    measures the epochs (the first two from their steady steps, not the one that traces the graph, as
+    they also carry the first checkpoint commit; later ones as the mean wall time per epoch since the
+    second, commits and traces included) and, when the run
+    ends sooner than the schedule does, moves the schedule's end to the last epoch that fits and has
+    the training step traced again (the end is a constant of the traced step). The first epoch's
+    estimate is high (validation traces its graph too): a later epoch that shows more time moves the end
+    out again (by 10% or more, the epochs that still fit with 5% to spare), never past --epochs. Not for
+    multi-worker runs, whose workers must agree.
+    """
+
+    def __init__(self, cfg, steps_per_epoch: int, console, clock=time.perf_counter):
+        super().__init__()
+        self.cfg, self.steps, self.console, self.clock = cfg, steps_per_epoch, console, clock
+        self.planned = []  # (after epoch, epochs the schedule now ends with)
+
+    def on_train_begin(self, logs=None):
+        self._started, self._settled, self._seen = self.clock(), None, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_t0, self._first_batch_end, self._last_batch_end, self._batches = self.clock(), None, None, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = self.clock()
+        self._batches += 1
+        self._first_batch_end = self._first_batch_end or now
+        self._last_batch_end = now
+
+    def on_epoch_end(self, epoch, logs=None):
+        schedule = getattr(self.model.optimizer, "_learning_rate", None)
+        if not self.cfg.time_limit or not hasattr(schedule, "decay_steps") or not self._batches:
+            return
+        now = self.clock()
+        if self._settled is not None:  # whole epochs since the second: commits and traces included
+            epoch_s = (now - self._settled[0]) / (epoch - self._settled[1])
+        elif self._batches > 1:  # the first step traces the graph: time the epoch from its steady steps
+            step_s = (self._last_batch_end - self._first_batch_end) / (self._batches - 1)
+            epoch_s = step_s * self.steps + (now - self._last_batch_end)
+        else:
+            epoch_s = now - self._epoch_t0
+        # The first two epochs of a run carry one-off costs (tracing, the first checkpoint commit).
+        self._seen += 1
+        if self._seen == 2:
+            self._settled = (now, epoch)
+        ends = partial(epochs_that_fit, epoch + 1, now - self._started, limit_s=self.cfg.time_limit * 60,
+                       cap=self.cfg.epochs)
+        current = math.ceil(schedule.decay_steps / self.steps)
+        plan = ends(epoch_s)
+        if plan > current:
+            # Out again only for a gain worth a retrace: 5% time to spare and 10% more epochs.
+            gain = ends(epoch_s * 1.05)
+            plan = gain if gain >= current + max(1, 0.1 * current) else current
+        if plan == current:
+            return
+        schedule.decay_steps = max(1, plan * self.steps)
+        self.model.make_train_function(force=True)
+        self.planned.append((epoch + 1, plan))
+        self.console.print(f"time limit: {plan} of {self.cfg.epochs} epochs fit; the {self.cfg.schedule} "
+                           f"schedule now ends at epoch {plan}")
 
 
 # An epoch's mean training loss this many times the lowest epoch's, and above the first epoch's (where

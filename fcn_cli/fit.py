@@ -142,7 +142,7 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
             resumed: Resumed | None = None) -> TrainResult:
     """Build the model (or load ``resumed``'s last.keras) in ``strategy``'s scope, fit it with the run's
     callbacks, and say how it went."""
-    from fcn_cli.callbacks import EpochRecorder, Preempted, RichProgress, StopOnSignal
+    from fcn_cli.callbacks import EpochRecorder, Preempted, RichProgress, ScheduleFitter, StopOnSignal
     from fcn_cli.model import build_fcn, transfer_weights
     from fcn_cli.runs import load_checkpoint
 
@@ -172,6 +172,8 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
                              every_epoch=_is_multi_worker(strategy))
     progress = RichProgress(console, data.steps_per_epoch, cfg.batch_size, cfg.epochs)
     extras = tensorboard_callbacks(run, data) if cfg.tensorboard else []
+    # Before the recorder, so the checkpoint it writes holds the schedule as re-planned.
+    fitter = [] if _is_multi_worker(strategy) else [ScheduleFitter(cfg, data.steps_per_epoch, console)]
     started = time.perf_counter()
     interrupted = None
     if _is_multi_worker(strategy):
@@ -183,7 +185,7 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
             with strategy.scope(), StopOnSignal() as stop:
                 model.fit(
                     data.train, validation_data=data.val, epochs=cfg.epochs, initial_epoch=state["epochs_done"],
-                    steps_per_epoch=data.steps_per_epoch, callbacks=[progress, recorder, stop, *extras], verbose=0,
+                    steps_per_epoch=data.steps_per_epoch, callbacks=[progress, *fitter, recorder, stop, *extras], verbose=0,
                     shuffle=False,
                 )
         except _peer_errors() as exc:

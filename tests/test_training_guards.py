@@ -304,3 +304,97 @@ def test_sigterm_during_fit_stops_at_the_next_batch_as_preempted():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# =========================================================================== schedule fitted to --time-limit
+
+
+@pytest.mark.parametrize("done, elapsed, epoch_s, limit, cap, ends", [
+    (1, 40.0, 30.0, 60.0, 20, 1),     # the next epoch would overrun: the schedule ends now
+    (1, 4.0, 3.0, 15.0, 20, 4),       # 11 s left: three more 3-s epochs
+    (2, 8.0, 3.0, 600.0, 20, 20),     # plenty of time: never beyond --epochs
+    (3, 70.0, 10.0, 60.0, 20, 3),     # already past the limit
+])
+def test_epochs_that_fit_follow_the_time_limit_stop_rule(done, elapsed, epoch_s, limit, cap, ends):
+    from fcn_cli.callbacks import epochs_that_fit
+
+    assert epochs_that_fit(done, elapsed, epoch_s, limit, cap) == ends
+
+
+def test_schedule_ends_at_the_last_epoch_that_fits_the_time_limit(tmp_path):
+    """20 epochs planned, 12 s allowed, each epoch 3 s by the (fake) clock (1 s per step, 1 s of validation):
+    after the first epoch the poly schedule is moved to end at epoch 4, the step is traced again, and after
+    4 epochs of model.fit the rate is at its floor."""
+    import keras
+
+    from fcn_cli import callbacks, fit, train
+    from fcn_cli.model import build_fcn
+
+    cfg = train.TrainConfig(out=str(tmp_path), variant="fcn8", image_size=(32, 32), width=1 / 16, head_width=16,
+                            backbone_weights="none", epochs=20, batch_size=2, precision="float32", time_limit=0.2,
+                            schedule="poly", lr=1e-3)
+    net = build_fcn("fcn8", 12, None, cfg.width, cfg.head_width)
+    fit.compile_model(net, fit.make_optimizer(cfg, 2), 12, CAMVID.ignore_index)
+    now = [0.0]
+
+    class Tick(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            now[0] += 1
+
+        on_epoch_end = on_train_batch_end
+
+    out = io.StringIO()
+    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=out, width=200), clock=lambda: now[0])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 11, (4, 32, 32)).astype("int32")
+    before = net.get_layer("score_fr").get_weights()[0].copy()
+    first_step = net.make_train_function()  # what fit() uses until the schedule moves
+    net.fit(x, y, batch_size=2, epochs=4, callbacks=[Tick(), fitter], verbose=0, shuffle=False)
+    assert fitter.planned == [(1, 4)]
+    assert net.optimizer._learning_rate.decay_steps == 8
+    assert net.train_function is not first_step  # traced again with the new end
+    assert int(net.optimizer.iterations.numpy()) == 8
+    assert callbacks._current_lr(net) == pytest.approx(cfg.lr * 0.01)
+    assert not np.allclose(net.get_layer("score_fr").get_weights()[0], before)
+    assert "4 of 20 epochs fit; the poly schedule now ends at epoch 4" in out.getvalue()
+
+
+def test_schedule_keeps_its_plan_when_the_epochs_fit(tmp_path):
+    from fcn_cli import callbacks, fit, train
+    from fcn_cli.model import build_fcn
+
+    cfg = train.TrainConfig(out=str(tmp_path), variant="fcn8", image_size=(32, 32), width=1 / 16, head_width=16,
+                            backbone_weights="none", epochs=3, batch_size=2, precision="float32", time_limit=60.0)
+    net = build_fcn("fcn8", 12, None, cfg.width, cfg.head_width)
+    fit.compile_model(net, fit.make_optimizer(cfg, 2), 12, CAMVID.ignore_index)
+    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()))
+    x = np.zeros((4, 32, 32, 3), "float32")
+    net.fit(x, np.zeros((4, 32, 32), "int32"), batch_size=2, epochs=3, callbacks=[fitter], verbose=0)
+    assert fitter.planned == [] and net.optimizer._learning_rate.decay_steps == 6
+
+
+def test_schedule_moves_out_again_when_the_first_epoch_overstated_its_time(tmp_path):
+    """Epoch 1: 9 s of validation tracing make it look like 11 s (4 epochs fit in 60 s); epoch 2 takes 3 s:
+    the end moves out to the epochs that fit with 5% to spare (37 s left / 3.15 s: 11 more, so 13)."""
+    from fcn_cli import callbacks, fit, train
+    from fcn_cli.model import build_fcn
+
+    cfg = train.TrainConfig(out=str(tmp_path), variant="fcn8", image_size=(32, 32), width=1 / 16, head_width=16,
+                            backbone_weights="none", epochs=30, batch_size=2, precision="float32", time_limit=1.0)
+    net = build_fcn("fcn8", 12, None, cfg.width, cfg.head_width)
+    fit.compile_model(net, fit.make_optimizer(cfg, 2), 12, CAMVID.ignore_index)
+    now = [0.0]
+    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()), clock=lambda: now[0])
+    fitter.set_model(net)
+    fitter.on_train_begin()
+    for epoch, times in enumerate([(10, 11, 20), (21, 22, 23), (24, 25, 26)]):
+        fitter.on_epoch_begin(epoch)
+        for batch, t in enumerate(times[:-1]):
+            now[0] = t
+            fitter.on_train_batch_end(batch)
+        now[0] = times[-1]
+        fitter.on_epoch_end(epoch)
+    # Epoch 3 (3 s, 34 s left): 11 more fit without margin, 14 in all, 13 with it: no move for one epoch.
+    assert fitter.planned == [(1, 4), (2, 13)]
+    assert net.optimizer._learning_rate.decay_steps == 26
