@@ -52,6 +52,8 @@ RECIPE_MODEL = {"pretrained": PRETRAINED_MODEL, "pretrained-native": PRETRAINED_
 # AMX, Intel Xeon, camvid-20261203-162820): the full-width FCN-8s ran 39 s per CamVid epoch at 192x256 with
 # validation at 224x288 (35 epochs: 23 minutes), 45 s with pretrained-native's validation at 320x448
 # (33 epochs: 25 minutes). Both leave minutes unused on such a machine; these are the counts measured.
+# On a slower machine fewer epochs fit: `fcn train --time-limit` then moves the schedule's end to the last
+# epoch that fits (fcn_cli.callbacks.ScheduleFitter), so every recipe still ends at its floor rate.
 RECIPE_EPOCHS = {"pretrained": 35, "pretrained-native": 33}
 
 RECIPES = {

@@ -295,7 +295,7 @@ def train(
     precision: Annotated[Precision, typer.Option(help="Compute precision. auto: bf16 where this machine computes it natively AND a short probe (cached per machine, see `fcn doctor`) shows it learns what float32 learns; float32 otherwise.")] = Precision.auto,
     strategy: Annotated[Strategy, typer.Option(help="tf.distribute strategy; auto: multi-worker with TF_CONFIG, mirrored on >1 GPU.")] = Strategy.auto,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Cap the steps per epoch (quick trials).")] = None,
-    time_limit: Annotated[Optional[float], typer.Option(min=0.1, help="Stop after the last epoch that fits in this many minutes (the run stays resumable).")] = None,
+    time_limit: Annotated[Optional[float], typer.Option(min=0.1, help="Stop after the last epoch that fits in this many minutes (the run stays resumable); a poly or cosine schedule is re-planned to reach its floor there.")] = None,
     checkpoint_overhead: Annotated[float, typer.Option(min=0.0, max=1.0, help="Largest share of the run's time spent writing checkpoints: epochs between commits are spaced to keep within it (the first and last epoch, a time-limit stop and Ctrl-C always write). 1 = write every epoch.")] = 0.02,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last finished epoch, with its own settings; only --epochs, --time-limit, --checkpoint-overhead, --data (moved data) and --tensorboard may change.")] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Write TensorBoard logs into the run folder: loss, validation scores, learning rate, per-class IoU and validation masks per epoch (`tensorboard --logdir models/`).")] = False,
