@@ -191,7 +191,7 @@ class ScheduleFitter(_keras_callback_base()):
     schedule that reaches its floor at the budget beats one cut short). After each epoch this callback
     measures the epochs (the first two from their steady steps, not the one that traces the graph, as
     they also carry the first checkpoint commit; later ones as the mean wall time per epoch since the
-    second, commits and traces included) and, when the run
+    second, commits included, the retraces this callback caused left out) and, when the run
     ends sooner than the schedule does, moves the schedule's end to the last epoch that fits and has
     the training step traced again (the end is a constant of the traced step). The first epoch's
     estimate is high (validation traces its graph too): a later epoch that shows more time moves the end
@@ -206,6 +206,7 @@ class ScheduleFitter(_keras_callback_base()):
 
     def on_train_begin(self, logs=None):
         self._started, self._settled, self._seen = self.clock(), None, 0
+        self._retraced, self._excluded = False, 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_t0, self._first_batch_end, self._last_batch_end, self._batches = self.clock(), None, None, 0
@@ -221,10 +222,14 @@ class ScheduleFitter(_keras_callback_base()):
         if not self.cfg.time_limit or not hasattr(schedule, "decay_steps") or not self._batches:
             return
         now = self.clock()
-        if self._settled is not None:  # whole epochs since the second: commits and traces included
-            epoch_s = (now - self._settled[0]) / (epoch - self._settled[1])
-        elif self._batches > 1:  # the first step traces the graph: time the epoch from its steady steps
-            step_s = (self._last_batch_end - self._first_batch_end) / (self._batches - 1)
+        step_s = (self._last_batch_end - self._first_batch_end) / (self._batches - 1) if self._batches > 1 else None
+        if self._retraced and self._settled is not None and step_s is not None:
+            # A retrace of ours is a one-off, not a cost of every epoch to come.
+            self._excluded += max(0.0, self._first_batch_end - self._epoch_t0 - step_s)
+        self._retraced = False
+        if self._settled is not None:  # whole epochs since the second: commits included
+            epoch_s = (now - self._settled[0] - self._excluded) / (epoch - self._settled[1])
+        elif step_s is not None:  # the first step traces the graph: time the epoch from its steady steps
             epoch_s = step_s * self.steps + (now - self._last_batch_end)
         else:
             epoch_s = now - self._epoch_t0
@@ -244,6 +249,7 @@ class ScheduleFitter(_keras_callback_base()):
             return
         schedule.decay_steps = max(1, plan * self.steps)
         self.model.make_train_function(force=True)
+        self._retraced = True
         self.planned.append((epoch + 1, plan))
         self.console.print(f"time limit: {plan} of {self.cfg.epochs} epochs fit; the {self.cfg.schedule} "
                            f"schedule now ends at epoch {plan}")

@@ -398,3 +398,28 @@ def test_schedule_moves_out_again_when_the_first_epoch_overstated_its_time(tmp_p
     # Epoch 3 (3 s, 34 s left): 11 more fit without margin, 14 in all, 13 with it: no move for one epoch.
     assert fitter.planned == [(1, 4), (2, 13)]
     assert net.optimizer._learning_rate.decay_steps == 26
+
+
+def test_a_retrace_is_not_counted_as_a_cost_of_every_later_epoch(tmp_path):
+    """After the end moves, the next epoch's first step traces again (10 s here, steps take 1 s): the
+    time is gone, but the epochs to come still take 3 s, so 8 more fit in the 25 s left (11 in all), not 2."""
+    from fcn_cli import callbacks, fit, train
+    from fcn_cli.model import build_fcn
+
+    cfg = train.TrainConfig(out=str(tmp_path), variant="fcn8", image_size=(32, 32), width=1 / 16, head_width=16,
+                            backbone_weights="none", epochs=30, batch_size=2, precision="float32", time_limit=1.0)
+    net = build_fcn("fcn8", 12, None, cfg.width, cfg.head_width)
+    fit.compile_model(net, fit.make_optimizer(cfg, 2), 12, CAMVID.ignore_index)
+    now = [0.0]
+    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()), clock=lambda: now[0])
+    fitter.set_model(net)
+    fitter.on_train_begin()
+    for epoch, (begin, *times) in enumerate([(0, 10, 11, 20), (20, 21, 22, 23), (23, 33, 34, 35)]):
+        now[0] = begin
+        fitter.on_epoch_begin(epoch)
+        for batch, t in enumerate(times[:-1]):
+            now[0] = t
+            fitter.on_train_batch_end(batch)
+        now[0] = times[-1]
+        fitter.on_epoch_end(epoch)
+    assert fitter.planned == [(1, 4), (2, 13), (3, 11)]
