@@ -193,19 +193,25 @@ class ScheduleFitter(_keras_callback_base()):
     they also carry the first checkpoint commit; later ones as the mean wall time per epoch since the
     second, commits included, the retraces this callback caused left out) and, when the run
     ends sooner than the schedule does, moves the schedule's end to the last epoch that fits and has
-    the training step traced again (the end is a constant of the traced step). The first epoch's
-    estimate is high (validation traces its graph too): a later epoch that shows more time moves the end
-    out again (by 10% or more, the epochs that still fit with 5% to spare), never past --epochs. Not for
-    multi-worker runs, whose workers must agree.
+    the training step traced again (the end is a constant of the traced step). The plan keeps 5% of the
+    time to spare, so that a slower last epoch does not make the time-limit stop (EpochRecorder, whose
+    clock starts with this one's) come before the schedule's end; an epoch after the end trains at the
+    floor rate. The first epoch's estimate is high (validation traces its graph too): a later epoch that
+    shows more time moves the end out again (by 10% or more), never past --epochs. Not for multi-worker
+    runs, whose workers must agree.
     """
+
+    MARGIN = 1.05  # the epoch time the plan assumes, over the measured one
 
     def __init__(self, cfg, steps_per_epoch: int, console, clock=time.perf_counter):
         super().__init__()
         self.cfg, self.steps, self.console, self.clock = cfg, steps_per_epoch, console, clock
         self.planned = []  # (after epoch, epochs the schedule now ends with)
+        # From creation, like EpochRecorder's clock, which decides the stop: made next to it, they agree.
+        self._started = clock()
 
     def on_train_begin(self, logs=None):
-        self._started, self._settled, self._seen = self.clock(), None, 0
+        self._settled, self._seen = None, 0
         self._retraced, self._excluded = False, 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -218,7 +224,7 @@ class ScheduleFitter(_keras_callback_base()):
         self._last_batch_end = now
 
     def on_epoch_end(self, epoch, logs=None):
-        schedule = getattr(self.model.optimizer, "_learning_rate", None)
+        schedule = lr_schedule(self.model.optimizer)
         if not self.cfg.time_limit or not hasattr(schedule, "decay_steps") or not self._batches:
             return
         now = self.clock()
@@ -240,11 +246,9 @@ class ScheduleFitter(_keras_callback_base()):
         ends = partial(epochs_that_fit, epoch + 1, now - self._started, limit_s=self.cfg.time_limit * 60,
                        cap=self.cfg.epochs)
         current = math.ceil(schedule.decay_steps / self.steps)
-        plan = ends(epoch_s)
-        if plan > current:
-            # Out again only for a gain worth a retrace: 5% time to spare and 10% more epochs.
-            gain = ends(epoch_s * 1.05)
-            plan = gain if gain >= current + max(1, 0.1 * current) else current
+        plan = ends(epoch_s * self.MARGIN)
+        if plan > current and plan < current + max(1, 0.1 * current):
+            plan = current  # out again only for a gain worth a retrace: 10% more epochs
         if plan == current:
             return
         schedule.decay_steps = max(1, plan * self.steps)
@@ -324,6 +328,12 @@ class StopOnSignal(_keras_callback_base()):
     # At batch ends, where a step has finished; not at on_epoch_end, where a commit may just have run
     # (the stop commits again). A request after the last batch is raised on leaving the block.
     on_train_batch_end = on_test_batch_end = _stop_if_requested
+
+
+def lr_schedule(optimizer):
+    """The learning-rate schedule (or constant) ``optimizer`` applies, through a mixed_float16 run's
+    LossScaleOptimizer to the optimizer it wraps."""
+    return getattr(getattr(optimizer, "inner_optimizer", optimizer), "_learning_rate", None)
 
 
 def _current_lr(model) -> float:

@@ -142,7 +142,7 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
             resumed: Resumed | None = None) -> TrainResult:
     """Build the model (or load ``resumed``'s last.keras) in ``strategy``'s scope, fit it with the run's
     callbacks, and say how it went."""
-    from fcn_cli.callbacks import EpochRecorder, Preempted, RichProgress, ScheduleFitter, StopOnSignal
+    from fcn_cli.callbacks import EpochRecorder, Preempted, RichProgress, ScheduleFitter, StopOnSignal, lr_schedule
     from fcn_cli.model import build_fcn, transfer_weights
     from fcn_cli.runs import load_checkpoint
 
@@ -153,6 +153,11 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
     with strategy.scope():
         if resuming:
             model, _ = load_checkpoint(resumed.last, classes.num_classes, compile=True)
+            schedule = lr_schedule(model.optimizer)
+            if hasattr(schedule, "decay_steps"):
+                # Over the run's --epochs (which a resume may extend), not the end that a time limit
+                # (ScheduleFitter) or the earlier --epochs left in last.keras; a time limit re-plans it.
+                schedule.decay_steps = max(1, cfg.epochs * data.steps_per_epoch)
         else:
             model = build_fcn(cfg.variant, classes.num_classes, cfg.backbone_weights, cfg.width, cfg.head_width)
             if cfg.init_from:
@@ -170,10 +175,11 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
                           "train_pairs": data.n_train, "val_pairs": data.n_val, "steps_per_epoch": data.steps_per_epoch})
     recorder = EpochRecorder(run, cfg, classes, precision, state, rows, console, strategy,
                              every_epoch=_is_multi_worker(strategy))
+    # Made with the recorder, so both time the limit from one moment; called before it, so the checkpoint
+    # it writes holds the schedule as re-planned.
+    fitter = [] if _is_multi_worker(strategy) else [ScheduleFitter(cfg, data.steps_per_epoch, console)]
     progress = RichProgress(console, data.steps_per_epoch, cfg.batch_size, cfg.epochs)
     extras = tensorboard_callbacks(run, data) if cfg.tensorboard else []
-    # Before the recorder, so the checkpoint it writes holds the schedule as re-planned.
-    fitter = [] if _is_multi_worker(strategy) else [ScheduleFitter(cfg, data.steps_per_epoch, console)]
     started = time.perf_counter()
     interrupted = None
     if _is_multi_worker(strategy):

@@ -183,7 +183,10 @@ def test_ctrl_c_saves_a_consistent_run_and_resume_continues_and_extends(data_dir
     # run, --tensorboard may be switched on, and config.json records both for the next --resume.
     resumed = fcn("train", "--resume", run, "--epochs=4", "--tensorboard", check=0)
     assert f"epoch {meta['epoch'] + 1}/4" in resumed.stdout and "epoch 1/4" not in resumed.stdout
-    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "log.csv"))] == list(range(1, 5))
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 5))
+    # The poly schedule now ends at epoch 4, not at the 3 that last.keras was planned over.
+    assert float(rows[2]["lr"]) > 1e-4 and float(rows[3]["lr"]) == pytest.approx(1e-5)
     assert json.loads((run / "state.json").read_text())["epochs_done"] == 4
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 4 and config["tensorboard"] is True

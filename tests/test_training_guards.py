@@ -322,8 +322,9 @@ def test_epochs_that_fit_follow_the_time_limit_stop_rule(done, elapsed, epoch_s,
 
 
 def test_schedule_ends_at_the_last_epoch_that_fits_the_time_limit(tmp_path):
-    """20 epochs planned, 12 s allowed, each epoch 3 s by the (fake) clock (1 s per step, 1 s of validation):
-    after the first epoch the poly schedule is moved to end at epoch 4, the step is traced again, and after
+    """20 epochs planned, 13.2 s allowed, each epoch 3 s by the (fake) clock (1 s per step, 1 s of validation):
+    after the first epoch (10.2 s left: 3 more at 3.15 s, the plan's 5% margin) the poly schedule is moved to
+    end at epoch 4, the step is traced again, and after
     4 epochs of model.fit the rate is at its floor."""
     import keras
 
@@ -331,7 +332,7 @@ def test_schedule_ends_at_the_last_epoch_that_fits_the_time_limit(tmp_path):
     from fcn_cli.model import build_fcn
 
     cfg = train.TrainConfig(out=str(tmp_path), variant="fcn8", image_size=(32, 32), width=1 / 16, head_width=16,
-                            backbone_weights="none", epochs=20, batch_size=2, precision="float32", time_limit=0.2,
+                            backbone_weights="none", epochs=20, batch_size=2, precision="float32", time_limit=0.22,
                             schedule="poly", lr=1e-3)
     net = build_fcn("fcn8", 12, None, cfg.width, cfg.head_width)
     fit.compile_model(net, fit.make_optimizer(cfg, 2), 12, CAMVID.ignore_index)
@@ -395,14 +396,15 @@ def test_schedule_moves_out_again_when_the_first_epoch_overstated_its_time(tmp_p
             fitter.on_train_batch_end(batch)
         now[0] = times[-1]
         fitter.on_epoch_end(epoch)
-    # Epoch 3 (3 s, 34 s left): 11 more fit without margin, 14 in all, 13 with it: no move for one epoch.
+    # Epoch 3 (3 s, 34 s left): 10 more fit with the margin, 13 in all: no move.
     assert fitter.planned == [(1, 4), (2, 13)]
     assert net.optimizer._learning_rate.decay_steps == 26
 
 
 def test_a_retrace_is_not_counted_as_a_cost_of_every_later_epoch(tmp_path):
     """After the end moves, the next epoch's first step traces again (10 s here, steps take 1 s): the
-    time is gone, but the epochs to come still take 3 s, so 8 more fit in the 25 s left (11 in all), not 2."""
+    time is gone, but the epochs to come still take 3 s, so 7 more fit in the 25 s left with the 5% margin
+    (10 in all), not 1 (4 in all) as 12-s epochs would say."""
     from fcn_cli import callbacks, fit, train
     from fcn_cli.model import build_fcn
 
@@ -422,4 +424,42 @@ def test_a_retrace_is_not_counted_as_a_cost_of_every_later_epoch(tmp_path):
             fitter.on_train_batch_end(batch)
         now[0] = times[-1]
         fitter.on_epoch_end(epoch)
-    assert fitter.planned == [(1, 4), (2, 13), (3, 11)]
+    assert fitter.planned == [(1, 4), (2, 13), (3, 10)]
+
+
+@pytest.mark.parametrize("loss_scaled", [False, True], ids=["plain", "mixed_float16 loss scaling"])
+def test_the_step_traced_again_trains_with_the_new_end(tmp_path, loss_scaled):
+    """What the traced step really applies, not what the schedule object says: a linear unit whose loss is
+    its mean output moves its weight by exactly -lr each step (SGD without momentum, inputs of 1), so the
+    weights after each batch read back the rate of every step. 2 steps on the 20-epoch plan, then 6 on the
+    4-epoch one; a step traced before the move would go on with the old rates. Through mixed_float16's
+    LossScaleOptimizer too, which wraps the optimizer that holds the schedule."""
+    import keras
+
+    from fcn_cli import callbacks, train
+
+    cfg = train.TrainConfig(out=str(tmp_path), epochs=20, batch_size=2, time_limit=0.22, schedule="poly", lr=0.1)
+    poly = dict(initial_learning_rate=0.1, end_learning_rate=0.001, power=0.9)
+    optimizer = keras.optimizers.SGD(keras.optimizers.schedules.PolynomialDecay(decay_steps=40, **poly))
+    if loss_scaled:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+    net.compile(optimizer=optimizer, loss=lambda y, p: keras.ops.mean(p))
+    now, weights = [0.0], []
+
+    class Tick(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            now[0] += 1
+            weights.append(float(net.get_weights()[0][0, 0]))
+
+        def on_epoch_end(self, epoch, logs=None):
+            now[0] += 1
+
+    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()), clock=lambda: now[0])
+    net.fit(np.ones((4, 1), "float32"), np.zeros((4, 1), "float32"), batch_size=2, epochs=4,
+            callbacks=[Tick(), fitter], verbose=0, shuffle=False)
+    assert fitter.planned == [(1, 4)]
+    applied = -np.diff([0.0, *weights])
+    old, new = (keras.optimizers.schedules.PolynomialDecay(decay_steps=n, **poly) for n in (40, 8))
+    expected = [float(old(0)), float(old(1)), *(float(new(step)) for step in range(2, 8))]
+    np.testing.assert_allclose(applied, expected, rtol=1e-4)
