@@ -194,18 +194,22 @@ class ScheduleFitter(_keras_callback_base()):
     second, commits included, the retraces this callback caused left out) and, when the run
     ends sooner than the schedule does, moves the schedule's end to the last epoch that fits and has
     the training step traced again (the end is a constant of the traced step). The plan keeps 5% of the
-    time to spare, so that a slower last epoch does not make the time-limit stop (EpochRecorder, whose
+    time to spare, so that a slower last epoch rarely makes the time-limit stop (EpochRecorder, whose
     clock starts with this one's) come before the schedule's end; an epoch after the end trains at the
     floor rate. The first epoch's estimate is high (validation traces its graph too): a later epoch that
-    shows more time moves the end out again (by 10% or more), never past --epochs. Not for multi-worker
-    runs, whose workers must agree.
+    shows more time moves the end out again (by 10% or more) while it is still ahead, never past
+    --epochs. A resumed run is planned before its first step, from its log's epoch times. Not for
+    multi-worker runs, whose workers must agree.
     """
 
     MARGIN = 1.05  # the epoch time the plan assumes, over the measured one
 
-    def __init__(self, cfg, steps_per_epoch: int, console, clock=time.perf_counter):
+    def __init__(self, cfg, steps_per_epoch: int, console, clock=time.perf_counter, resumed=None):
+        """``resumed``: (epochs done, seconds an epoch took) of a resumed run, from its log, to plan the end
+        before the first resumed step instead of after it."""
         super().__init__()
         self.cfg, self.steps, self.console, self.clock = cfg, steps_per_epoch, console, clock
+        self.resumed = resumed
         self.planned = []  # (after epoch, epochs the schedule now ends with)
         # From creation, like EpochRecorder's clock, which decides the stop: made next to it, they agree.
         self._started = clock()
@@ -213,6 +217,13 @@ class ScheduleFitter(_keras_callback_base()):
     def on_train_begin(self, logs=None):
         self._settled, self._seen = None, 0
         self._retraced, self._excluded = False, 0.0
+        schedule = lr_schedule(self.model.optimizer)
+        if self.cfg.time_limit and hasattr(schedule, "decay_steps") and self.resumed:
+            done, epoch_s = self.resumed
+            plan = epochs_that_fit(done, self.clock() - self._started, epoch_s * self.MARGIN,
+                                   limit_s=self.cfg.time_limit * 60, cap=self.cfg.epochs)
+            if plan != math.ceil(schedule.decay_steps / self.steps):
+                self._move(schedule, done, plan)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_t0, self._first_batch_end, self._last_batch_end, self._batches = self.clock(), None, None, 0
@@ -247,14 +258,18 @@ class ScheduleFitter(_keras_callback_base()):
                        cap=self.cfg.epochs)
         current = math.ceil(schedule.decay_steps / self.steps)
         plan = ends(epoch_s * self.MARGIN)
-        if plan > current and plan < current + max(1, 0.1 * current):
-            plan = current  # out again only for a gain worth a retrace: 10% more epochs
-        if plan == current:
-            return
+        # Out again only while the end is ahead (past it the rate would jump back up from its floor) and
+        # for a gain worth a retrace: 10% more epochs.
+        if plan > current and (current <= epoch + 1 or plan < current + max(1, 0.1 * current)):
+            plan = current
+        if plan != current:
+            self._move(schedule, epoch + 1, plan)
+
+    def _move(self, schedule, after_epoch: int, plan: int) -> None:
         schedule.decay_steps = max(1, plan * self.steps)
-        self.model.make_train_function(force=True)
+        self.model.make_train_function(force=True)  # the end is a constant of the traced step
         self._retraced = True
-        self.planned.append((epoch + 1, plan))
+        self.planned.append((after_epoch, plan))
         self.console.print(f"time limit: {plan} of {self.cfg.epochs} epochs fit; the {self.cfg.schedule} "
                            f"schedule now ends at epoch {plan}")
 

@@ -177,7 +177,8 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
                              every_epoch=_is_multi_worker(strategy))
     # Made with the recorder, so both time the limit from one moment; called before it, so the checkpoint
     # it writes holds the schedule as re-planned.
-    fitter = [] if _is_multi_worker(strategy) else [ScheduleFitter(cfg, data.steps_per_epoch, console)]
+    fitter = [] if _is_multi_worker(strategy) else [
+        ScheduleFitter(cfg, data.steps_per_epoch, console, resumed=_resumed_pace(state, rows))]
     progress = RichProgress(console, data.steps_per_epoch, cfg.batch_size, cfg.epochs)
     extras = tensorboard_callbacks(run, data) if cfg.tensorboard else []
     started = time.perf_counter()
@@ -240,6 +241,15 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
         recorder.stable, recorder.rows, interrupted, seconds, (sum(rates) / len(rates)) if rates else None,
         recorder.commits, recorder.epoch_ends_s,
     )
+
+
+def _resumed_pace(state: dict, rows: list) -> tuple[int, float] | None:
+    """(epochs done, median seconds of the logged epochs after the first, which traced the graph) of a
+    resumed run, for ScheduleFitter; None for a new run or one without timed epochs."""
+    seconds = sorted(float(r["seconds"]) for r in rows[1:] or rows if r.get("seconds"))
+    if not state["epochs_done"] or not seconds:
+        return None
+    return state["epochs_done"], seconds[len(seconds) // 2]
 
 
 def _precision_record(cfg: TrainConfig) -> dict | None:

@@ -463,3 +463,79 @@ def test_the_step_traced_again_trains_with_the_new_end(tmp_path, loss_scaled):
     old, new = (keras.optimizers.schedules.PolynomialDecay(decay_steps=n, **poly) for n in (40, 8))
     expected = [float(old(0)), float(old(1)), *(float(new(step)) for step in range(2, 8))]
     np.testing.assert_allclose(applied, expected, rtol=1e-4)
+
+
+def _unit_with_poly(decay_steps: int):
+    """A one-weight model on SGD with a poly schedule: enough for ScheduleFitter, which reads the optimizer."""
+    import keras
+
+    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    schedule = keras.optimizers.schedules.PolynomialDecay(0.1, decay_steps, end_learning_rate=0.001, power=0.9)
+    net.compile(optimizer=keras.optimizers.SGD(schedule), loss="mse")
+    return net
+
+
+def _drive(fitter, epochs: int, now: list, epoch_s: float = 3.0) -> None:
+    """Epochs of 2 steps by the fake clock ``now``: 1 s per step, the rest validation."""
+    fitter.on_train_begin()
+    for epoch in range(epochs):
+        fitter.on_epoch_begin(epoch)
+        for batch in range(2):
+            now[0] += 1
+            fitter.on_train_batch_end(batch)
+        now[0] += epoch_s - 2
+        fitter.on_epoch_end(epoch)
+
+
+def test_the_end_does_not_move_out_once_the_schedule_has_reached_it(tmp_path):
+    """12.21 s allowed, 3-s epochs: the end moves to epoch 3. After it, 3.21 s are left: a 4th epoch fits by
+    the margin's 3.15 s, but the rate has reached its floor; moving the end out would raise it again."""
+    from fcn_cli import callbacks, train
+
+    cfg = train.TrainConfig(out=str(tmp_path), epochs=20, time_limit=12.21 / 60, schedule="poly")
+    now = [0.0]
+    net = _unit_with_poly(40)
+    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()), clock=lambda: now[0])
+    fitter.set_model(net)
+    _drive(fitter, 4, now)
+    assert fitter.planned == [(1, 3)] and net.optimizer._learning_rate.decay_steps == 6
+
+
+def test_the_time_limit_counts_from_the_fitters_creation_like_the_stop(tmp_path):
+    """30 s pass between making the callbacks and the first step (fit's setup): the stop counts them
+    (EpochRecorder's clock starts at its creation), so the plan does too: 27 s are left after epoch 1."""
+    from fcn_cli import callbacks, train
+
+    cfg = train.TrainConfig(out=str(tmp_path), epochs=30, time_limit=1.0, schedule="poly")
+    now = [0.0]
+    net = _unit_with_poly(60)
+    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()), clock=lambda: now[0])
+    fitter.set_model(net)
+    now[0] = 30.0
+    _drive(fitter, 1, now)
+    assert fitter.planned == [(1, 9)]  # 1 + floor(27 / 3.15); 19 if the clock started with the first step
+
+
+def test_a_resumed_run_is_planned_before_its_first_step(tmp_path):
+    """Resumed after 3 epochs of 3 s (its log) with a new minute: 19 more fit with the margin, so the
+    schedule ends at epoch 22 before any resumed step runs, not after a first epoch on the old end."""
+    from fcn_cli import callbacks, train
+
+    cfg = train.TrainConfig(out=str(tmp_path), epochs=30, time_limit=1.0, schedule="poly")
+    net = _unit_with_poly(60)
+    out = io.StringIO()
+    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=out, width=200), clock=lambda: 0.0, resumed=(3, 3.0))
+    fitter.set_model(net)
+    fitter.on_train_begin()
+    assert fitter.planned == [(3, 22)] and net.optimizer._learning_rate.decay_steps == 44
+    assert "22 of 30 epochs fit" in out.getvalue()
+
+
+def test_resumed_pace_reads_the_log_past_the_traced_first_epoch():
+    from fcn_cli.fit import _resumed_pace
+
+    rows = [{"epoch": 1, "seconds": 30.0}, {"epoch": 2, "seconds": 3.0}, {"epoch": 3, "seconds": 4.0},
+            {"epoch": 4, "seconds": 3.5}]
+    assert _resumed_pace({"epochs_done": 4}, rows) == (4, 3.5)
+    assert _resumed_pace({"epochs_done": 1}, rows[:1]) == (1, 30.0)
+    assert _resumed_pace({"epochs_done": 0}, []) is None
