@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import statistics
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 from fcn_cli.train import checkpoint_meta
@@ -189,24 +189,23 @@ class ScheduleFitter(_keras_callback_base()):
     A poly or cosine schedule is planned over ``--epochs``; when fewer epochs fit in the time limit, the
     stop would cut the run with the rate still near its peak (budgeted training, Li et al. 2020: a
     schedule that reaches its floor at the budget beats one cut short). After each epoch this callback
-    measures the epochs (the first two from their steady steps, not the one that traces the graph, as
-    they also carry the first checkpoint commit; later ones as the mean wall time per epoch since the
-    second, commits included, the retraces this callback caused left out) and, when the run
-    ends sooner than the schedule does, moves the schedule's end to the last epoch that fits and has
-    the training step traced again (the end is a constant of the traced step). The plan keeps 5% of the
-    time to spare, so that a slower last epoch rarely makes the time-limit stop (EpochRecorder, whose
-    clock starts with this one's) come before the schedule's end; an epoch after the end trains at the
-    floor rate. The first epoch's estimate is high (validation traces its graph too): a later epoch that
-    shows more time moves the end out again (by 10% or more) while it is still ahead, never past
-    --epochs. A resumed run is planned before its first step, from its log's epoch times. Not for
-    multi-worker runs, whose workers must agree.
+    estimates what an epoch costs and moves the end of the run's FittedDecay (schedules.py) to the last
+    epoch that fits: one variable assignment, read by the traced step at its next call. The estimate: the
+    session's first epoch from its steady steps plus its validation (its first step traces the graph);
+    then the median wall time from one epoch's end to the next (validation, the first wait for data
+    included; the odd commit, at most --checkpoint-overhead of the time, left to the margin). The plan
+    keeps 5% of the time to spare, so that a slower last epoch rarely
+    makes the time-limit stop (EpochRecorder, whose clock starts with this one's) come before the
+    schedule's end; an epoch after the end trains at the floor rate. The end moves out again only while it
+    is ahead (past it the rate would leave its floor) and for 10% more epochs, never past --epochs. A
+    resumed run is planned before its first step, from its log's epoch times. Not for multi-worker runs,
+    whose workers must agree.
     """
 
     MARGIN = 1.05  # the epoch time the plan assumes, over the measured one
 
     def __init__(self, cfg, steps_per_epoch: int, console, clock=time.perf_counter, resumed=None):
-        """``resumed``: (epochs done, seconds an epoch took) of a resumed run, from its log, to plan the end
-        before the first resumed step instead of after it."""
+        """``resumed``: (epochs done, seconds an epoch took) of a resumed run, from its log."""
         super().__init__()
         self.cfg, self.steps, self.console, self.clock = cfg, steps_per_epoch, console, clock
         self.resumed = resumed
@@ -214,16 +213,18 @@ class ScheduleFitter(_keras_callback_base()):
         # From creation, like EpochRecorder's clock, which decides the stop: made next to it, they agree.
         self._started = clock()
 
-    def on_train_begin(self, logs=None):
-        self._settled, self._seen = None, 0
-        self._retraced, self._excluded = False, 0.0
+    def _schedule(self):
+        from fcn_cli.schedules import FittedDecay
+
         schedule = lr_schedule(self.model.optimizer)
-        if self.cfg.time_limit and hasattr(schedule, "decay_steps") and self.resumed:
+        return schedule if self.cfg.time_limit and isinstance(schedule, FittedDecay) else None
+
+    def on_train_begin(self, logs=None):
+        self._last_end, self._walls = None, []  # wall time from each epoch's end to the next's
+        schedule = self._schedule()
+        if schedule is not None and self.resumed:
             done, epoch_s = self.resumed
-            plan = epochs_that_fit(done, self.clock() - self._started, epoch_s * self.MARGIN,
-                                   limit_s=self.cfg.time_limit * 60, cap=self.cfg.epochs)
-            if plan != math.ceil(schedule.decay_steps / self.steps):
-                self._move(schedule, done, plan)
+            self._plan(schedule, done, epoch_s, may_grow=True)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_t0, self._first_batch_end, self._last_batch_end, self._batches = self.clock(), None, None, 0
@@ -235,43 +236,33 @@ class ScheduleFitter(_keras_callback_base()):
         self._last_batch_end = now
 
     def on_epoch_end(self, epoch, logs=None):
-        schedule = lr_schedule(self.model.optimizer)
-        if not self.cfg.time_limit or not hasattr(schedule, "decay_steps") or not self._batches:
+        schedule = self._schedule()
+        if schedule is None or not self._batches:
             return
         now = self.clock()
-        step_s = (self._last_batch_end - self._first_batch_end) / (self._batches - 1) if self._batches > 1 else None
-        if self._retraced and self._settled is not None and step_s is not None:
-            # A retrace of ours is a one-off, not a cost of every epoch to come.
-            self._excluded += max(0.0, self._first_batch_end - self._epoch_t0 - step_s)
-        self._retraced = False
-        if self._settled is not None:  # whole epochs since the second: commits included
-            epoch_s = (now - self._settled[0] - self._excluded) / (epoch - self._settled[1])
-        elif step_s is not None:  # the first step traces the graph: time the epoch from its steady steps
-            epoch_s = step_s * self.steps + (now - self._last_batch_end)
+        if self._last_end is not None:
+            self._walls.append(now - self._last_end)
+            epoch_s = statistics.median(self._walls)
         else:
-            epoch_s = now - self._epoch_t0
-        # The first two epochs of a run carry one-off costs (tracing, the first checkpoint commit).
-        self._seen += 1
-        if self._seen == 2:
-            self._settled = (now, epoch)
-        ends = partial(epochs_that_fit, epoch + 1, now - self._started, limit_s=self.cfg.time_limit * 60,
-                       cap=self.cfg.epochs)
-        current = math.ceil(schedule.decay_steps / self.steps)
-        plan = ends(epoch_s * self.MARGIN)
-        # Out again only while the end is ahead (past it the rate would jump back up from its floor) and
-        # for a gain worth a retrace: 10% more epochs.
-        if plan > current and (current <= epoch + 1 or plan < current + max(1, 0.1 * current)):
-            plan = current
-        if plan != current:
-            self._move(schedule, epoch + 1, plan)
+            if self._batches > 1:  # the first step traced the graph: steady steps, then validation
+                step_s = (self._last_batch_end - self._first_batch_end) / (self._batches - 1)
+                epoch_s = step_s * self.steps + (now - self._last_batch_end)
+            else:
+                epoch_s = now - self._epoch_t0
+        self._last_end = now
+        self._plan(schedule, epoch + 1, epoch_s, may_grow=schedule.end > (epoch + 1) * self.steps)
 
-    def _move(self, schedule, after_epoch: int, plan: int) -> None:
-        schedule.decay_steps = max(1, plan * self.steps)
-        self.model.make_train_function(force=True)  # the end is a constant of the traced step
-        self._retraced = True
-        self.planned.append((after_epoch, plan))
-        self.console.print(f"time limit: {plan} of {self.cfg.epochs} epochs fit; the {self.cfg.schedule} "
-                           f"schedule now ends at epoch {plan}")
+    def _plan(self, schedule, done: int, epoch_s: float, may_grow: bool) -> None:
+        plan = epochs_that_fit(done, self.clock() - self._started, epoch_s * self.MARGIN,
+                               limit_s=self.cfg.time_limit * 60, cap=self.cfg.epochs)
+        current = math.ceil(schedule.end / self.steps)
+        if plan > current and not (may_grow and plan >= current + max(1, 0.1 * current)):
+            return
+        if plan != current:
+            schedule.move_end(plan * self.steps)
+            self.planned.append((done, plan))
+            self.console.print(f"time limit: {plan} of {self.cfg.epochs} epochs fit; the {self.cfg.schedule} "
+                               f"schedule now ends at epoch {plan}")
 
 
 # An epoch's mean training loss this many times the lowest epoch's, and above the first epoch's (where

@@ -85,14 +85,17 @@ def is_chief(strategy) -> bool:
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     import keras
 
+    from fcn_cli.schedules import FittedDecay
+
     total = max(1, cfg.epochs * steps_per_epoch)
     if cfg.schedule == "constant":
         lr = cfg.lr
     elif cfg.schedule == "poly":
-        # The "poly" policy of DeepLab/FCN follow-ups: lr * (1 - t/T)^0.9.
-        lr = keras.optimizers.schedules.PolynomialDecay(cfg.lr, total, end_learning_rate=cfg.lr * 0.01, power=0.9)
+        # The "poly" policy of DeepLab/FCN follow-ups: lr * (1 - t/T)^0.9. Fitted: --time-limit may move T.
+        lr = FittedDecay(keras.optimizers.schedules.PolynomialDecay(cfg.lr, total, end_learning_rate=cfg.lr * 0.01,
+                                                                    power=0.9))
     elif cfg.schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, total, alpha=0.01)
+        lr = FittedDecay(keras.optimizers.schedules.CosineDecay(cfg.lr, total, alpha=0.01))
     else:
         raise FcnError(f"unknown --schedule {cfg.schedule!r}; choose constant, poly or cosine")
     if cfg.optimizer == "adam":
@@ -145,6 +148,7 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
     from fcn_cli.callbacks import EpochRecorder, Preempted, RichProgress, ScheduleFitter, StopOnSignal, lr_schedule
     from fcn_cli.model import build_fcn, transfer_weights
     from fcn_cli.runs import load_checkpoint
+    from fcn_cli.schedules import FittedDecay
 
     classes = data.classes
     resuming = resumed is not None
@@ -153,11 +157,13 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
     with strategy.scope():
         if resuming:
             model, _ = load_checkpoint(resumed.last, classes.num_classes, compile=True)
-            schedule = lr_schedule(model.optimizer)
-            if hasattr(schedule, "decay_steps"):
-                # Over the run's --epochs (which a resume may extend), not the end that a time limit
-                # (ScheduleFitter) or the earlier --epochs left in last.keras; a time limit re-plans it.
-                schedule.decay_steps = max(1, cfg.epochs * data.steps_per_epoch)
+            # The schedule ends with the run's --epochs (which a resume may extend), not where a time limit
+            # (ScheduleFitter) or the earlier --epochs left it in last.keras; a time limit then fits it anew.
+            schedule, planned = lr_schedule(model.optimizer), max(1, cfg.epochs * data.steps_per_epoch)
+            if isinstance(schedule, FittedDecay):
+                schedule.move_end(planned)
+            elif hasattr(schedule, "decay_steps"):  # a checkpoint from before FittedDecay; not traced yet
+                schedule.decay_steps = planned
         else:
             model = build_fcn(cfg.variant, classes.num_classes, cfg.backbone_weights, cfg.width, cfg.head_width)
             if cfg.init_from:

@@ -153,6 +153,7 @@ def load_checkpoint(path: Path, num_classes: int | None = None, compile: bool = 
 
     import fcn_cli.losses  # noqa: F401  registers the loss a compiled checkpoint names
     import fcn_cli.metrics  # noqa: F401  registers the custom metrics a compiled checkpoint names
+    import fcn_cli.schedules  # noqa: F401  registers the learning-rate schedule a compiled checkpoint names
     from fcn_cli import accel
     from fcn_cli.accel.serving import serving_config
     from fcn_cli.accel.swap import accelerated_config, with_layers_of

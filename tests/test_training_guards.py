@@ -323,9 +323,8 @@ def test_epochs_that_fit_follow_the_time_limit_stop_rule(done, elapsed, epoch_s,
 
 def test_schedule_ends_at_the_last_epoch_that_fits_the_time_limit(tmp_path):
     """20 epochs planned, 13.2 s allowed, each epoch 3 s by the (fake) clock (1 s per step, 1 s of validation):
-    after the first epoch (10.2 s left: 3 more at 3.15 s, the plan's 5% margin) the poly schedule is moved to
-    end at epoch 4, the step is traced again, and after
-    4 epochs of model.fit the rate is at its floor."""
+    after the first epoch (10.2 s left: 3 more at 3.15 s, the plan's 5% margin) the poly schedule's end moves
+    to epoch 4 without tracing the step again, and after 4 epochs of model.fit the rate is at its floor."""
     import keras
 
     from fcn_cli import callbacks, fit, train
@@ -350,11 +349,12 @@ def test_schedule_ends_at_the_last_epoch_that_fits_the_time_limit(tmp_path):
     x = rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 11, (4, 32, 32)).astype("int32")
     before = net.get_layer("score_fr").get_weights()[0].copy()
-    first_step = net.make_train_function()  # what fit() uses until the schedule moves
+    net.make_train_function()
+    first_step = net.train_function
     net.fit(x, y, batch_size=2, epochs=4, callbacks=[Tick(), fitter], verbose=0, shuffle=False)
     assert fitter.planned == [(1, 4)]
-    assert net.optimizer._learning_rate.decay_steps == 8
-    assert net.train_function is not first_step  # traced again with the new end
+    assert net.optimizer._learning_rate.end == 8
+    assert net.train_function is first_step  # the end is a variable of the traced step: no retrace
     assert int(net.optimizer.iterations.numpy()) == 8
     assert callbacks._current_lr(net) == pytest.approx(cfg.lr * 0.01)
     assert not np.allclose(net.get_layer("score_fr").get_weights()[0], before)
@@ -372,21 +372,51 @@ def test_schedule_keeps_its_plan_when_the_epochs_fit(tmp_path):
     fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()))
     x = np.zeros((4, 32, 32, 3), "float32")
     net.fit(x, np.zeros((4, 32, 32), "int32"), batch_size=2, epochs=3, callbacks=[fitter], verbose=0)
-    assert fitter.planned == [] and net.optimizer._learning_rate.decay_steps == 6
+    assert fitter.planned == [] and net.optimizer._learning_rate.end == 6
+
+
+def _unit_with_poly(decay_steps: int):
+    """A one-weight model on SGD with a fitted poly schedule: enough for ScheduleFitter, which reads the
+    optimizer."""
+    import keras
+
+    from fcn_cli.schedules import FittedDecay
+
+    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    schedule = keras.optimizers.schedules.PolynomialDecay(0.1, decay_steps, end_learning_rate=0.001, power=0.9)
+    net.compile(optimizer=keras.optimizers.SGD(FittedDecay(schedule)), loss="mse")
+    return net
+
+
+def _drive(fitter, epochs: int, now: list, step_s: float = 1.0, val_s: float = 1.0, wait_s: float = 0.0) -> None:
+    """Epochs of 2 steps by the fake clock ``now``: ``wait_s`` for the first batch's data, ``step_s`` per
+    step, ``val_s`` of validation."""
+    fitter.on_train_begin()
+    for epoch in range(epochs):
+        fitter.on_epoch_begin(epoch)
+        now[0] += wait_s
+        for batch in range(2):
+            now[0] += step_s
+            fitter.on_train_batch_end(batch)
+        now[0] += val_s
+        fitter.on_epoch_end(epoch)
+
+
+def _time_limited(tmp_path, epochs: int, seconds: float):
+    from fcn_cli import train
+
+    return train.TrainConfig(out=str(tmp_path), epochs=epochs, time_limit=seconds / 60, schedule="poly")
 
 
 def test_schedule_moves_out_again_when_the_first_epoch_overstated_its_time(tmp_path):
     """Epoch 1: 9 s of validation tracing make it look like 11 s (4 epochs fit in 60 s); epoch 2 takes 3 s:
     the end moves out to the epochs that fit with 5% to spare (37 s left / 3.15 s: 11 more, so 13)."""
-    from fcn_cli import callbacks, fit, train
-    from fcn_cli.model import build_fcn
+    from fcn_cli import callbacks
 
-    cfg = train.TrainConfig(out=str(tmp_path), variant="fcn8", image_size=(32, 32), width=1 / 16, head_width=16,
-                            backbone_weights="none", epochs=30, batch_size=2, precision="float32", time_limit=1.0)
-    net = build_fcn("fcn8", 12, None, cfg.width, cfg.head_width)
-    fit.compile_model(net, fit.make_optimizer(cfg, 2), 12, CAMVID.ignore_index)
     now = [0.0]
-    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()), clock=lambda: now[0])
+    net = _unit_with_poly(60)
+    fitter = callbacks.ScheduleFitter(_time_limited(tmp_path, 30, 60), 2, Console(file=io.StringIO()),
+                                      clock=lambda: now[0])
     fitter.set_model(net)
     fitter.on_train_begin()
     for epoch, times in enumerate([(10, 11, 20), (21, 22, 23), (24, 25, 26)]):
@@ -398,49 +428,39 @@ def test_schedule_moves_out_again_when_the_first_epoch_overstated_its_time(tmp_p
         fitter.on_epoch_end(epoch)
     # Epoch 3 (3 s, 34 s left): 10 more fit with the margin, 13 in all: no move.
     assert fitter.planned == [(1, 4), (2, 13)]
-    assert net.optimizer._learning_rate.decay_steps == 26
+    assert net.optimizer._learning_rate.end == 26
 
 
-def test_a_retrace_is_not_counted_as_a_cost_of_every_later_epoch(tmp_path):
-    """After the end moves, the next epoch's first step traces again (10 s here, steps take 1 s): the
-    time is gone, but the epochs to come still take 3 s, so 7 more fit in the 25 s left with the 5% margin
-    (10 in all), not 1 (4 in all) as 12-s epochs would say."""
-    from fcn_cli import callbacks, fit, train
-    from fcn_cli.model import build_fcn
+def test_the_wait_for_each_epochs_first_batch_is_a_cost_of_every_epoch(tmp_path):
+    """Steps of 0.1 s, but each epoch's first batch waits 2 s for data (a shuffle buffer filling): the first
+    epoch's steady steps and validation say 0.5 s, so the plan keeps all 100 epochs; from the second epoch
+    on, whole epochs (2.5 s) say 22, and the end moves there and stays, before the stop (after epoch 24)."""
+    from fcn_cli import callbacks
 
-    cfg = train.TrainConfig(out=str(tmp_path), variant="fcn8", image_size=(32, 32), width=1 / 16, head_width=16,
-                            backbone_weights="none", epochs=30, batch_size=2, precision="float32", time_limit=1.0)
-    net = build_fcn("fcn8", 12, None, cfg.width, cfg.head_width)
-    fit.compile_model(net, fit.make_optimizer(cfg, 2), 12, CAMVID.ignore_index)
     now = [0.0]
-    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()), clock=lambda: now[0])
+    net = _unit_with_poly(200)
+    fitter = callbacks.ScheduleFitter(_time_limited(tmp_path, 100, 60), 2, Console(file=io.StringIO()),
+                                      clock=lambda: now[0])
     fitter.set_model(net)
-    fitter.on_train_begin()
-    for epoch, (begin, *times) in enumerate([(0, 10, 11, 20), (20, 21, 22, 23), (23, 33, 34, 35)]):
-        now[0] = begin
-        fitter.on_epoch_begin(epoch)
-        for batch, t in enumerate(times[:-1]):
-            now[0] = t
-            fitter.on_train_batch_end(batch)
-        now[0] = times[-1]
-        fitter.on_epoch_end(epoch)
-    assert fitter.planned == [(1, 4), (2, 13), (3, 10)]
+    _drive(fitter, 6, now, step_s=0.1, val_s=0.3, wait_s=2.0)
+    assert fitter.planned == [(2, 22)] and net.optimizer._learning_rate.end == 44
 
 
 @pytest.mark.parametrize("loss_scaled", [False, True], ids=["plain", "mixed_float16 loss scaling"])
-def test_the_step_traced_again_trains_with_the_new_end(tmp_path, loss_scaled):
+def test_the_traced_step_trains_with_the_moved_end(tmp_path, loss_scaled):
     """What the traced step really applies, not what the schedule object says: a linear unit whose loss is
     its mean output moves its weight by exactly -lr each step (SGD without momentum, inputs of 1), so the
     weights after each batch read back the rate of every step. 2 steps on the 20-epoch plan, then 6 on the
-    4-epoch one; a step traced before the move would go on with the old rates. Through mixed_float16's
-    LossScaleOptimizer too, which wraps the optimizer that holds the schedule."""
+    4-epoch one, from the step traced once. Through mixed_float16's LossScaleOptimizer too, which wraps the
+    optimizer that holds the schedule."""
     import keras
 
     from fcn_cli import callbacks, train
+    from fcn_cli.schedules import FittedDecay
 
     cfg = train.TrainConfig(out=str(tmp_path), epochs=20, batch_size=2, time_limit=0.22, schedule="poly", lr=0.1)
     poly = dict(initial_learning_rate=0.1, end_learning_rate=0.001, power=0.9)
-    optimizer = keras.optimizers.SGD(keras.optimizers.schedules.PolynomialDecay(decay_steps=40, **poly))
+    optimizer = keras.optimizers.SGD(FittedDecay(keras.optimizers.schedules.PolynomialDecay(decay_steps=40, **poly)))
     if loss_scaled:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
@@ -456,60 +476,40 @@ def test_the_step_traced_again_trains_with_the_new_end(tmp_path, loss_scaled):
             now[0] += 1
 
     fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()), clock=lambda: now[0])
+    net.make_train_function()
+    first_step = net.train_function
     net.fit(np.ones((4, 1), "float32"), np.zeros((4, 1), "float32"), batch_size=2, epochs=4,
             callbacks=[Tick(), fitter], verbose=0, shuffle=False)
-    assert fitter.planned == [(1, 4)]
+    assert fitter.planned == [(1, 4)] and net.train_function is first_step
     applied = -np.diff([0.0, *weights])
     old, new = (keras.optimizers.schedules.PolynomialDecay(decay_steps=n, **poly) for n in (40, 8))
     expected = [float(old(0)), float(old(1)), *(float(new(step)) for step in range(2, 8))]
     np.testing.assert_allclose(applied, expected, rtol=1e-4)
 
 
-def _unit_with_poly(decay_steps: int):
-    """A one-weight model on SGD with a poly schedule: enough for ScheduleFitter, which reads the optimizer."""
-    import keras
-
-    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
-    schedule = keras.optimizers.schedules.PolynomialDecay(0.1, decay_steps, end_learning_rate=0.001, power=0.9)
-    net.compile(optimizer=keras.optimizers.SGD(schedule), loss="mse")
-    return net
-
-
-def _drive(fitter, epochs: int, now: list, epoch_s: float = 3.0) -> None:
-    """Epochs of 2 steps by the fake clock ``now``: 1 s per step, the rest validation."""
-    fitter.on_train_begin()
-    for epoch in range(epochs):
-        fitter.on_epoch_begin(epoch)
-        for batch in range(2):
-            now[0] += 1
-            fitter.on_train_batch_end(batch)
-        now[0] += epoch_s - 2
-        fitter.on_epoch_end(epoch)
-
-
 def test_the_end_does_not_move_out_once_the_schedule_has_reached_it(tmp_path):
     """12.21 s allowed, 3-s epochs: the end moves to epoch 3. After it, 3.21 s are left: a 4th epoch fits by
     the margin's 3.15 s, but the rate has reached its floor; moving the end out would raise it again."""
-    from fcn_cli import callbacks, train
+    from fcn_cli import callbacks
 
-    cfg = train.TrainConfig(out=str(tmp_path), epochs=20, time_limit=12.21 / 60, schedule="poly")
     now = [0.0]
     net = _unit_with_poly(40)
-    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()), clock=lambda: now[0])
+    fitter = callbacks.ScheduleFitter(_time_limited(tmp_path, 20, 12.21), 2, Console(file=io.StringIO()),
+                                      clock=lambda: now[0])
     fitter.set_model(net)
     _drive(fitter, 4, now)
-    assert fitter.planned == [(1, 3)] and net.optimizer._learning_rate.decay_steps == 6
+    assert fitter.planned == [(1, 3)] and net.optimizer._learning_rate.end == 6
 
 
 def test_the_time_limit_counts_from_the_fitters_creation_like_the_stop(tmp_path):
     """30 s pass between making the callbacks and the first step (fit's setup): the stop counts them
     (EpochRecorder's clock starts at its creation), so the plan does too: 27 s are left after epoch 1."""
-    from fcn_cli import callbacks, train
+    from fcn_cli import callbacks
 
-    cfg = train.TrainConfig(out=str(tmp_path), epochs=30, time_limit=1.0, schedule="poly")
     now = [0.0]
     net = _unit_with_poly(60)
-    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=io.StringIO()), clock=lambda: now[0])
+    fitter = callbacks.ScheduleFitter(_time_limited(tmp_path, 30, 60), 2, Console(file=io.StringIO()),
+                                      clock=lambda: now[0])
     fitter.set_model(net)
     now[0] = 30.0
     _drive(fitter, 1, now)
@@ -519,15 +519,15 @@ def test_the_time_limit_counts_from_the_fitters_creation_like_the_stop(tmp_path)
 def test_a_resumed_run_is_planned_before_its_first_step(tmp_path):
     """Resumed after 3 epochs of 3 s (its log) with a new minute: 19 more fit with the margin, so the
     schedule ends at epoch 22 before any resumed step runs, not after a first epoch on the old end."""
-    from fcn_cli import callbacks, train
+    from fcn_cli import callbacks
 
-    cfg = train.TrainConfig(out=str(tmp_path), epochs=30, time_limit=1.0, schedule="poly")
     net = _unit_with_poly(60)
     out = io.StringIO()
-    fitter = callbacks.ScheduleFitter(cfg, 2, Console(file=out, width=200), clock=lambda: 0.0, resumed=(3, 3.0))
+    fitter = callbacks.ScheduleFitter(_time_limited(tmp_path, 30, 60), 2, Console(file=out, width=200),
+                                      clock=lambda: 0.0, resumed=(3, 3.0))
     fitter.set_model(net)
     fitter.on_train_begin()
-    assert fitter.planned == [(3, 22)] and net.optimizer._learning_rate.decay_steps == 44
+    assert fitter.planned == [(3, 22)] and net.optimizer._learning_rate.end == 44
     assert "22 of 30 epochs fit" in out.getvalue()
 
 
