@@ -194,12 +194,11 @@ class ScheduleFitter(_keras_callback_base()):
     session's first epoch from its steady steps plus its validation (its first step traces the graph);
     then the median wall time from one epoch's end to the next (validation, the first wait for data
     included; the odd commit, at most --checkpoint-overhead of the time, left to the margin). The plan
-    keeps 5% of the time to spare, so that a slower last epoch rarely
-    makes the time-limit stop (EpochRecorder, whose clock starts with this one's) come before the
-    schedule's end; an epoch after the end trains at the floor rate. The end moves out again only while it
-    is ahead (past it the rate would leave its floor) and for 10% more epochs, never past --epochs. A
-    resumed run is planned before its first step, from its log's epoch times. Not for multi-worker runs,
-    whose workers must agree.
+    keeps 5% of the time to spare, so that a slower last epoch rarely makes the time-limit stop
+    (EpochRecorder, whose clock starts with this one's) come before the schedule's end; an epoch after
+    the end trains at the floor rate. The end moves out again only while it is ahead (past it the rate
+    would leave its floor) and for 10% more epochs, never past --epochs. A resumed run is planned before
+    its first step, from its log's epoch times. Not for multi-worker runs, whose workers must agree.
     """
 
     MARGIN = 1.05  # the epoch time the plan assumes, over the measured one
