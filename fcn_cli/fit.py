@@ -107,6 +107,18 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     raise FcnError(f"unknown --optimizer {cfg.optimizer!r}; choose adam or sgd")
 
 
+def end_schedule_at(optimizer, steps: int) -> None:
+    """Have ``optimizer``'s decaying schedule (if any) reach its floor after ``steps`` steps."""
+    from fcn_cli.callbacks import lr_schedule
+    from fcn_cli.schedules import FittedDecay
+
+    schedule = lr_schedule(optimizer)
+    if isinstance(schedule, FittedDecay):
+        schedule.move_end(steps)
+    elif hasattr(schedule, "decay_steps"):  # a checkpoint from before FittedDecay: set before the step is traced
+        schedule.decay_steps = max(1, steps)
+
+
 def compile_model(model, optimizer, num_classes: int, ignore_index, loss: str = "ce"):
     from fcn_cli.losses import segmentation_loss
     from fcn_cli.metrics import MeanIoU, PixelAccuracy
@@ -145,10 +157,9 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
             resumed: Resumed | None = None) -> TrainResult:
     """Build the model (or load ``resumed``'s last.keras) in ``strategy``'s scope, fit it with the run's
     callbacks, and say how it went."""
-    from fcn_cli.callbacks import EpochRecorder, Preempted, RichProgress, ScheduleFitter, StopOnSignal, lr_schedule
+    from fcn_cli.callbacks import EpochRecorder, Preempted, RichProgress, ScheduleFitter, StopOnSignal
     from fcn_cli.model import build_fcn, transfer_weights
     from fcn_cli.runs import load_checkpoint
-    from fcn_cli.schedules import FittedDecay
 
     classes = data.classes
     resuming = resumed is not None
@@ -159,11 +170,7 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
             model, _ = load_checkpoint(resumed.last, classes.num_classes, compile=True)
             # The schedule ends with the run's --epochs (which a resume may extend), not where a time limit
             # (ScheduleFitter) or the earlier --epochs left it in last.keras; a time limit then fits it anew.
-            schedule, planned = lr_schedule(model.optimizer), max(1, cfg.epochs * data.steps_per_epoch)
-            if isinstance(schedule, FittedDecay):
-                schedule.move_end(planned)
-            elif hasattr(schedule, "decay_steps"):  # a checkpoint from before FittedDecay; not traced yet
-                schedule.decay_steps = planned
+            end_schedule_at(model.optimizer, cfg.epochs * data.steps_per_epoch)
         else:
             model = build_fcn(cfg.variant, classes.num_classes, cfg.backbone_weights, cfg.width, cfg.head_width)
             if cfg.init_from:

@@ -49,3 +49,25 @@ def test_the_moved_end_survives_a_checkpoint(tmp_path):
     loaded = back.optimizer._learning_rate
     assert isinstance(loaded, FittedDecay) and loaded.end == 12 and loaded.schedule.decay_steps == 40
     assert float(loaded(6)) == pytest.approx(float(schedule(6)))
+
+
+@pytest.mark.parametrize("kind", ["fitted", "stock (a checkpoint from before FittedDecay)", "loss-scaled", "constant"])
+def test_a_resumed_runs_schedule_ends_with_its_epochs(kind):
+    """What --resume does to the optimizer last.keras brings back (fcn_cli.fit.fit_run)."""
+    import keras
+
+    from fcn_cli.callbacks import lr_schedule
+    from fcn_cli.fit import end_schedule_at
+    from fcn_cli.schedules import FittedDecay
+
+    poly = keras.optimizers.schedules.PolynomialDecay(0.1, 10, end_learning_rate=0.001)
+    lr = {"fitted": FittedDecay(poly), "loss-scaled": FittedDecay(poly), "constant": 0.1}.get(kind, poly)
+    optimizer = keras.optimizers.SGD(lr)
+    if kind == "loss-scaled":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    end_schedule_at(optimizer, 40)
+    schedule = lr_schedule(optimizer)
+    if kind == "constant":
+        assert float(optimizer.learning_rate) == pytest.approx(0.1)
+    else:
+        assert (schedule.end if isinstance(schedule, FittedDecay) else schedule.decay_steps) == 40
