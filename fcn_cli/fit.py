@@ -115,8 +115,8 @@ def end_schedule_at(optimizer, steps: int) -> None:
     schedule = lr_schedule(optimizer)
     if isinstance(schedule, FittedDecay):
         schedule.move_end(steps)
-    elif hasattr(schedule, "decay_steps"):  # a checkpoint from before FittedDecay: set before the step is traced
-        schedule.decay_steps = max(1, steps)
+    elif hasattr(schedule, "decay_steps"):  # a checkpoint from before FittedDecay: fitted from here on
+        optimizer.learning_rate = FittedDecay(schedule, max(1, steps))
 
 
 def compile_model(model, optimizer, num_classes: int, ignore_index, loss: str = "ce"):

@@ -23,11 +23,12 @@ class FittedDecay(keras.optimizers.schedules.LearningRateSchedule):
     def __init__(self, schedule, end_steps: int | None = None):
         if isinstance(schedule, dict):  # from a checkpoint's optimizer config
             schedule = keras.saving.deserialize_keras_object(schedule)
-        if getattr(schedule, "cycle", False) or getattr(schedule, "warmup_steps", 0):
-            raise ValueError("FittedDecay scales a decay without cycles or warm-up")
+        stock = (keras.optimizers.schedules.PolynomialDecay, keras.optimizers.schedules.CosineDecay)
+        if not isinstance(schedule, stock) or getattr(schedule, "cycle", False) or getattr(schedule, "warmup_steps", 0):
+            raise ValueError("FittedDecay scales a PolynomialDecay or CosineDecay without cycles or warm-up")
         self.schedule = schedule
         self.end_steps = keras.Variable(float(end_steps or schedule.decay_steps), dtype="float32",
-                                        trainable=False, name="schedule_end_steps")
+                                        trainable=False, autocast=False, name="schedule_end_steps")
 
     def __call__(self, step):
         scale = ops.divide(float(self.schedule.decay_steps), self.end_steps)
