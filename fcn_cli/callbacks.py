@@ -213,7 +213,7 @@ class ScheduleFitter(_keras_callback_base()):
         self._started = clock()
 
     def _schedule(self):
-        from fcn_cli.schedules import FittedDecay
+        from fcn_cli.schedules import FittedDecay, lr_schedule
 
         schedule = lr_schedule(self.model.optimizer)
         return schedule if self.cfg.time_limit and isinstance(schedule, FittedDecay) else None
@@ -333,12 +333,6 @@ class StopOnSignal(_keras_callback_base()):
     # At batch ends, where a step has finished; not at on_epoch_end, where a commit may just have run
     # (the stop commits again). A request after the last batch is raised on leaving the block.
     on_train_batch_end = on_test_batch_end = _stop_if_requested
-
-
-def lr_schedule(optimizer):
-    """The learning-rate schedule (or constant) ``optimizer`` applies, through a mixed_float16 run's
-    LossScaleOptimizer to the optimizer it wraps."""
-    return getattr(getattr(optimizer, "inner_optimizer", optimizer), "_learning_rate", None)
 
 
 def _current_lr(model) -> float:

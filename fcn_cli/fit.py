@@ -8,6 +8,7 @@ from the device rules (``fcn_cli.devices``) and, on a CPU, the precision probe (
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -107,18 +108,6 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     raise FcnError(f"unknown --optimizer {cfg.optimizer!r}; choose adam or sgd")
 
 
-def end_schedule_at(optimizer, steps: int) -> None:
-    """Have ``optimizer``'s decaying schedule (if any) reach its floor after ``steps`` steps."""
-    from fcn_cli.callbacks import lr_schedule
-    from fcn_cli.schedules import FittedDecay
-
-    schedule = lr_schedule(optimizer)
-    if isinstance(schedule, FittedDecay):
-        schedule.move_end(steps)
-    elif hasattr(schedule, "decay_steps"):  # a checkpoint from before FittedDecay: fitted from here on
-        optimizer.learning_rate = FittedDecay(schedule, max(1, steps))
-
-
 def compile_model(model, optimizer, num_classes: int, ignore_index, loss: str = "ce"):
     from fcn_cli.losses import segmentation_loss
     from fcn_cli.metrics import MeanIoU, PixelAccuracy
@@ -160,6 +149,7 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
     from fcn_cli.callbacks import EpochRecorder, Preempted, RichProgress, ScheduleFitter, StopOnSignal
     from fcn_cli.model import build_fcn, transfer_weights
     from fcn_cli.runs import load_checkpoint
+    from fcn_cli.schedules import end_schedule_at
 
     classes = data.classes
     resuming = resumed is not None
@@ -259,10 +249,10 @@ def fit_run(cfg: TrainConfig, data, run, strategy, strategy_desc, precision, con
 def _resumed_pace(state: dict, rows: list) -> tuple[int, float] | None:
     """(epochs done, median seconds of the logged epochs after the first, which traced the graph) of a
     resumed run, for ScheduleFitter; None for a new run or one without timed epochs."""
-    seconds = sorted(float(r["seconds"]) for r in rows[1:] or rows if r.get("seconds"))
+    seconds = [float(r["seconds"]) for r in rows[1:] or rows if r.get("seconds")]
     if not state["epochs_done"] or not seconds:
         return None
-    return state["epochs_done"], seconds[len(seconds) // 2]
+    return state["epochs_done"], statistics.median(seconds)
 
 
 def _precision_record(cfg: TrainConfig) -> dict | None:

@@ -44,3 +44,18 @@ class FittedDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"schedule": keras.saving.serialize_keras_object(self.schedule), "end_steps": self.end}
+
+
+def lr_schedule(optimizer):
+    """The learning-rate schedule (or constant) ``optimizer`` applies, through a mixed_float16 run's
+    LossScaleOptimizer to the optimizer it wraps."""
+    return getattr(getattr(optimizer, "inner_optimizer", optimizer), "_learning_rate", None)
+
+
+def end_schedule_at(optimizer, steps: int) -> None:
+    """Have ``optimizer``'s decaying schedule (if any) reach its floor after ``steps`` steps."""
+    schedule = lr_schedule(optimizer)
+    if isinstance(schedule, FittedDecay):
+        schedule.move_end(steps)
+    elif hasattr(schedule, "decay_steps"):  # a checkpoint from before FittedDecay: fitted from here on
+        optimizer.learning_rate = FittedDecay(schedule, max(1, steps))

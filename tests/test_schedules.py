@@ -58,9 +58,7 @@ def test_a_resumed_runs_schedule_ends_with_its_epochs(kind):
     """What --resume does to the optimizer last.keras brings back (fcn_cli.fit.fit_run)."""
     import keras
 
-    from fcn_cli.callbacks import lr_schedule
-    from fcn_cli.fit import end_schedule_at
-    from fcn_cli.schedules import FittedDecay
+    from fcn_cli.schedules import FittedDecay, end_schedule_at, lr_schedule
 
     poly = keras.optimizers.schedules.PolynomialDecay(0.1, 10, end_learning_rate=0.001)
     lr = {"fitted": FittedDecay(poly), "loss-scaled": FittedDecay(poly), "constant": 0.1}.get(kind, poly)
