@@ -223,7 +223,7 @@ class ScheduleFitter(_keras_callback_base()):
         schedule = self._schedule()
         if schedule is not None and self.resumed:
             done, epoch_s = self.resumed
-            self._plan(schedule, done, epoch_s, may_grow=True)
+            self._plan(schedule, done, epoch_s)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_t0, self._first_batch_end, self._last_batch_end, self._batches = self.clock(), None, None, 0
@@ -249,13 +249,14 @@ class ScheduleFitter(_keras_callback_base()):
             else:
                 epoch_s = now - self._epoch_t0
         self._last_end = now
-        self._plan(schedule, epoch + 1, epoch_s, may_grow=schedule.end > (epoch + 1) * self.steps)
+        self._plan(schedule, epoch + 1, epoch_s)
 
-    def _plan(self, schedule, done: int, epoch_s: float, may_grow: bool) -> None:
+    def _plan(self, schedule, done: int, epoch_s: float) -> None:
         plan = epochs_that_fit(done, self.clock() - self._started, epoch_s * self.MARGIN,
                                limit_s=self.cfg.time_limit * 60, cap=self.cfg.epochs)
         current = math.ceil(schedule.end / self.steps)
-        if plan > current and not (may_grow and plan >= current + max(1, 0.1 * current)):
+        ahead = schedule.end > done * self.steps  # past its end the rate is at its floor: it stays there
+        if plan > current and not (ahead and plan >= current + max(1, 0.1 * current)):
             return
         if plan != current:
             schedule.move_end(plan * self.steps)
